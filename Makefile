@@ -1,0 +1,41 @@
+# Two entry points a newcomer needs (README "Quick start"):
+#   make run   - create .venv, install sipstream, run the loop on the embedded broker
+#   make test  - create .venv, install sipstream + test tools, run the whole test suite
+# Everything CI needs is installed here, so `.ci/run` works on a clean clone.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is installed first and pinned so pip never pulls a second, larger build.
+# On these machines 2.13.0 resolves to a local CPU wheel. Elsewhere, for a CPU-only box, run e.g.
+#   make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_SPEC      ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PIP_FLAGS       ?= --disable-pip-version-check --quiet
+ARGS            ?=
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
+	touch $@
+
+.PHONY: install run test test-fast bench clean
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/sipstream run $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: install
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

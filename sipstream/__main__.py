@@ -1,0 +1,3 @@
+from sipstream.cli import main
+
+main()

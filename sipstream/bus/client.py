@@ -1,0 +1,86 @@
+"""Kafka client settings, in one place, each non-obvious key with its reason.
+
+Delivery guarantee of the whole engine: **at-least-once**. Producers are idempotent with acks=all,
+consumers never auto-commit, and the runner commits offsets only after every record it produced for
+a batch is acknowledged. Duplicates after a crash are removed downstream by `item_id`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sipstream.config import BusConfig
+from sipstream.errors import BrokerError
+
+
+def _base(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    # Security and any other librdkafka setting the user passes (SASL/SCRAM, TLS, client.rack, ...).
+    conf.update(bus.client)
+    return conf
+
+
+def producer_config(bus: BusConfig, bootstrap: str, client_id: str = "sipstream") -> dict[str, Any]:
+    conf = _base(bus, bootstrap)
+    conf.update(
+        {
+            "client.id": client_id,
+            # Idempotence + acks=all: a retried send never duplicates or reorders within a partition.
+            "enable.idempotence": True,
+            "acks": "all",
+            # Small linger batches records of one stage batch into few requests without adding latency.
+            "linger.ms": 5,
+            # Records carry text (prefix + candidates); stay within the broker's default 1 MB limit.
+            "message.max.bytes": 1_000_000,
+        }
+    )
+    conf.update(bus.client)  # user settings win
+    return conf
+
+
+def consumer_config(
+    bus: BusConfig, bootstrap: str, group_id: str, client_id: str = "sipstream", instance_id: str | None = None
+) -> dict[str, Any]:
+    conf = _base(bus, bootstrap)
+    conf.update(
+        {
+            "client.id": client_id,
+            "group.id": group_id,
+            # We commit explicitly after the batch's output is acknowledged (at-least-once).
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # A new group starts from the beginning: no item of a topic is skipped.
+            "auto.offset.reset": "earliest",
+            # A group join waits ~session.timeout/2 on the embedded broker (RESOURCES.md); keep it short.
+            "session.timeout.ms": bus.session_timeout_ms,
+            "heartbeat.interval.ms": max(100, bus.session_timeout_ms // 10),
+            # Model calls on a batch can take minutes on CPU; the poll interval must outlast them.
+            "max.poll.interval.ms": 30 * 60 * 1000,
+            # Cooperative rebalancing: adding a worker does not stop the others' partitions.
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
+    )
+    if instance_id:
+        # Static membership: a restarted worker with the same id gets its partitions back without a rebalance.
+        conf["group.instance.id"] = instance_id
+    conf.update(bus.client)
+    return conf
+
+
+def admin_config(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
+    return _base(bus, bootstrap)
+
+
+def check_reachable(bus: BusConfig, bootstrap: str, timeout: float = 10.0) -> None:
+    """Raise a `BrokerError` that says what to do when no broker answers at `bootstrap`."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(admin_config(bus, bootstrap) | {"socket.connection.setup.timeout.ms": int(timeout * 1000)})
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerError(
+            f"no Kafka broker answered at {bootstrap} within {timeout:.0f}s ({exc.args[0].str()}); "
+            "check bus.bootstrap_servers, or leave it unset to use the embedded broker"
+        ) from None

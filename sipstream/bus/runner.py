@@ -1,0 +1,356 @@
+"""The stage runner: the one piece of plumbing every stage uses.
+
+    consume a batch → decode + schema-validate → stage.process_batch() → validate output → produce
+    → wait for every delivery acknowledgement → commit the batch's offsets
+
+Delivery guarantee: **at-least-once**. Offsets are committed only after all records produced for the
+batch (outputs and dead letters) are acknowledged by the broker, so a crash anywhere re-delivers the
+batch; duplicates are removed downstream by `item_id`. A record that cannot be processed (too large,
+not UTF-8, not JSON, schema violation, processor exception, invalid output) goes to `sip.deadletter`
+with its reason, source coordinates and original bytes, and the stream continues. SIGTERM finishes
+the batch in hand, flushes, commits and leaves the group.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sipstream.bus import topics as T
+from sipstream.bus.client import consumer_config, producer_config
+from sipstream.config import Config
+from sipstream.errors import BrokerError, UserError
+from sipstream.logs import get_logger
+
+Item = dict[str, Any]
+
+
+class Stage:
+    """A stream processor: `process(item) -> list[item]` plus whatever model it holds.
+
+    Subclasses set `name`, `input_topic`, `output_topic` and implement `process` (or `process_batch`
+    when batching across items pays, as for model calls). They never touch Kafka.
+    """
+
+    name: str = "stage"
+    input_topic: str = ""
+    output_topic: str | None = None
+
+    def process(self, item: Item) -> list[Item]:
+        raise NotImplementedError
+
+    def process_batch(self, items: list[Item]) -> list[list[Item]]:
+        """Outputs per input, in order. Raising here makes the runner retry the items one by one."""
+        return [self.process(item) for item in items]
+
+    def before_batch(self) -> None:
+        """Called between batches (e.g. to load newly announced weights)."""
+
+    def close(self) -> None:
+        """Release models and files."""
+
+
+@dataclass
+class _Failure:
+    error: str  # class, one of the sip.deadletter `error` enum values
+    reason: str
+
+
+class DeliveryError(BrokerError):
+    """Produced records were not acknowledged; the batch is not committed and will be re-delivered."""
+
+
+@dataclass
+class RunnerStats:
+    counters: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.time)
+
+
+def default_instance_id(stage: str) -> str:
+    return f"{stage}-{socket.gethostname()}-{os.getpid()}"
+
+
+class StageRunner:
+    """Runs one `Stage` against a Kafka cluster until stopped."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        cfg: Config,
+        bootstrap: str,
+        *,
+        instance_id: str | None = None,
+        static_membership: bool = False,
+        specs: dict[str, T.TopicSpec] | None = None,
+    ) -> None:
+        from confluent_kafka import Consumer, Producer
+
+        self.stage = stage
+        self.cfg = cfg
+        self.specs = specs or T.load_specs(T.topics_dir(cfg.bus))
+        for topic in filter(None, (stage.input_topic, stage.output_topic)):
+            if topic not in self.specs:
+                raise UserError(f"stage {stage.name} uses topic {topic}, which has no spec in topics/")
+        self.input_spec = self.specs[stage.input_topic]
+        self.output_spec = self.specs[stage.output_topic] if stage.output_topic else None
+        self.instance_id = instance_id or default_instance_id(stage.name)
+        self.log = get_logger(stage=stage.name, instance=self.instance_id)
+        self.stats = RunnerStats()
+        self._stopping = False
+        self._delivery_errors: list[str] = []
+        self._last_metrics = time.monotonic()
+
+        self.producer = Producer(producer_config(cfg.bus, bootstrap, client_id=self.instance_id))
+        self.consumer = Consumer(
+            consumer_config(
+                cfg.bus,
+                bootstrap,
+                group_id=f"{cfg.bus.group_prefix}.{stage.name}",
+                client_id=self.instance_id,
+                instance_id=self.instance_id if static_membership else None,
+            )
+        )
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand and exit (safe from a signal handler)."""
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, *, max_batches: int | None = None, until: Callable[[RunnerStats], bool] | None = None) -> RunnerStats:
+        """Consume, process, produce and commit until `stop()` (or `max_batches`, or `until(stats)`)."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        self.consumer.subscribe([self.stage.input_topic])
+        self.log.info("stage started", topic=self.stage.input_topic, output=self.stage.output_topic)
+        batches = 0
+        try:
+            while not self._stopping:
+                self.stage.before_batch()
+                # consume() is the batched form of poll(): it also serves the consumer's callbacks.
+                messages = self.consumer.consume(
+                    num_messages=self.cfg.runner.batch_size, timeout=self.cfg.runner.batch_timeout_s
+                )
+                self.producer.poll(0)  # serve delivery callbacks of earlier produces
+                records = []
+                for msg in messages:
+                    err = msg.error()
+                    if err is None:
+                        records.append(msg)
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        raise UserError(
+                            f"topic {self.stage.input_topic} does not exist; run `sipstream topics create` first"
+                        )
+                    elif err.fatal() or not err.retriable():
+                        raise KafkaException(err)
+                    else:
+                        self.log.warning("consumer error, retrying", error=err.str())
+                if records:
+                    self._handle_batch(records)
+                    batches += 1
+                self._maybe_publish_metrics()
+                if max_batches is not None and batches >= max_batches:
+                    break
+                if until is not None and until(self.stats):
+                    break
+        finally:
+            self._shutdown()
+        return self.stats
+
+    def _handle_batch(self, records: list[Any]) -> None:
+        c = self.stats.counters
+        c["consumed"] += len(records)
+        items: list[Item] = []
+        sources: list[Any] = []
+        for msg in records:
+            decoded = self._decode(msg)
+            if isinstance(decoded, _Failure):
+                self._deadletter(msg, decoded)
+            else:
+                items.append(decoded)
+                sources.append(msg)
+
+        t0 = time.perf_counter()
+        for msg, outcome in zip(sources, self._process(items), strict=True):
+            if isinstance(outcome, _Failure):
+                self._deadletter(msg, outcome)
+                continue
+            bad = self._check_outputs(outcome)
+            if bad is not None:
+                self._deadletter(msg, bad)
+                continue
+            for out in outcome:
+                self._produce(self.stage.output_topic, out)  # type: ignore[arg-type]
+            c["processed"] += 1
+            c["produced"] += len(outcome)
+        c["process_seconds"] += time.perf_counter() - t0
+
+        # Sync point: wait for every acknowledgement before committing (at-least-once).
+        remaining = self.producer.flush(30.0)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise DeliveryError(
+                f"{remaining} record(s) unacknowledged, {len(errors)} failed ({'; '.join(errors[:3])}); "
+                "offsets not committed, the batch will be re-delivered on restart"
+            )
+        self._commit(records)
+        c["batches"] += 1
+
+    def _process(self, items: list[Item]) -> list[list[Item] | _Failure]:
+        """Run the stage on a batch; if the batch call fails, isolate the failing items one by one."""
+        if not items:
+            return []
+        try:
+            outputs = self.stage.process_batch(items)
+            if len(outputs) != len(items):
+                raise RuntimeError(f"process_batch returned {len(outputs)} outputs for {len(items)} items")
+            return list(outputs)
+        except Exception as exc:  # noqa: BLE001 - a poison record must not stop the stream
+            if len(items) > 1:
+                self.log.warning("batch failed, retrying items one by one", error=repr(exc)[:300])
+            results: list[list[Item] | _Failure] = []
+            for item in items:
+                try:
+                    results.append(self.stage.process_batch([item])[0])
+                except Exception as item_exc:  # noqa: BLE001
+                    results.append(_Failure("process", f"{type(item_exc).__name__}: {item_exc}"[:2000]))
+            return results
+
+    # ------------------------------------------------------------------ helpers
+
+    def _decode(self, msg: Any) -> Item | _Failure:
+        raw = msg.value()
+        if raw is None:
+            return _Failure("bad_json", "empty value (tombstone)")
+        if len(raw) > self.cfg.runner.max_record_bytes:
+            return _Failure("too_large", f"value has {len(raw)} bytes, limit runner.max_record_bytes={self.cfg.runner.max_record_bytes}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _Failure("bad_encoding", f"value is not UTF-8: {exc}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return _Failure("bad_json", f"value is not JSON: {exc}")
+        errors = self.input_spec.errors(value)
+        if errors:
+            return _Failure("schema", f"violates {self.input_spec.name} schema: " + "; ".join(errors[:5]))
+        return value
+
+    def _check_outputs(self, outputs: list[Item]) -> _Failure | None:
+        if not isinstance(outputs, list):
+            return _Failure("bad_output", f"stage returned {type(outputs).__name__}, expected a list of items")
+        if outputs and self.output_spec is None:
+            return _Failure("bad_output", "stage has no output topic but returned items")
+        for out in outputs:
+            errors = self.output_spec.errors(out) if self.output_spec else []
+            if errors:
+                return _Failure("bad_output", f"output violates {self.output_spec.name} schema: " + "; ".join(errors[:5]))  # type: ignore[union-attr]
+        return None
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
+
+    def _produce(self, topic: str, value: Item) -> None:
+        spec = self.specs[topic]
+        key = value.get(spec.key)
+        self.producer.produce(
+            topic,
+            value=T.encode_value(value),
+            key=None if key is None else str(key).encode("utf-8"),
+            on_delivery=self._on_delivery,
+        )
+
+    def _deadletter(self, msg: Any, failure: _Failure) -> None:
+        raw: bytes = msg.value() or b""
+        limit = self.cfg.runner.deadletter_max_value_bytes
+        key = msg.key()
+        record = {
+            "stage": self.stage.name,
+            "instance": self.instance_id,
+            "error": failure.error,
+            "reason": failure.reason,
+            "topic": msg.topic(),
+            "partition": msg.partition(),
+            "offset": msg.offset(),
+            "key": None if key is None else key.decode("utf-8", errors="replace"),
+            "value_b64": base64.b64encode(raw[:limit]).decode("ascii"),
+            "value_bytes": len(raw),
+            "value_sha256": hashlib.sha256(raw).hexdigest(),
+            "truncated": len(raw) > limit,
+            "ts": time.time(),
+        }
+        self._produce(T.DEADLETTER, record)
+        self.stats.counters["deadlettered"] += 1
+        self.stats.counters[f"deadlettered.{failure.error}"] += 1
+        self.log.warning(
+            "record dead-lettered",
+            error=failure.error,
+            reason=failure.reason[:300],
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+        )
+
+    def _commit(self, records: list[Any]) -> None:
+        from confluent_kafka import TopicPartition
+
+        next_offsets: dict[tuple[str, int], int] = {}
+        for msg in records:
+            tp = (msg.topic(), msg.partition())
+            next_offsets[tp] = max(next_offsets.get(tp, 0), msg.offset() + 1)
+        self.consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in next_offsets.items()], asynchronous=False
+        )
+
+    def metrics_record(self) -> Item:
+        now = time.time()
+        c = self.stats.counters
+        elapsed = max(now - self.stats.started, 1e-9)
+        return {
+            "source": self.stage.name,
+            "instance": self.instance_id,
+            "ts": now,
+            "interval_s": self.cfg.runner.metrics_interval_s,
+            "counters": {k: float(v) for k, v in sorted(c.items())},
+            "gauges": {
+                "records_per_s": c["consumed"] / elapsed,
+                "uptime_s": elapsed,
+            },
+        }
+
+    def _maybe_publish_metrics(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_metrics < self.cfg.runner.metrics_interval_s:
+            return
+        self._last_metrics = time.monotonic()
+        self._produce(T.METRICS, self.metrics_record())
+        self.producer.poll(0)
+
+    def _shutdown(self) -> None:
+        """Flush what is in flight, publish final metrics, leave the group. Runs on every exit path."""
+        try:
+            self._maybe_publish_metrics(force=True)
+            self.producer.flush(10.0)
+        except Exception as exc:  # noqa: BLE001 - best effort on the way out; offsets decide correctness
+            self.log.warning("final flush failed", error=repr(exc))
+        finally:
+            self.consumer.close()  # leaves the group so partitions move on at once
+            self.stage.close()
+            self.log.info("stage stopped", **{k: v for k, v in self.stats.counters.items() if "." not in k})

@@ -1,0 +1,177 @@
+"""The `sipstream` command line. Each command parses options, loads the config and calls a `run_*`
+function; heavy libraries (torch, transformers) are imported only inside the commands that need them,
+so `sipstream --help` is instant. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sipstream.errors import UserError
+
+app = typer.Typer(
+    name="sipstream",
+    help="Self-improving pretraining as a streaming online-learning engine on Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+topics_app = typer.Typer(help="Create, list and compare the topics in topics/.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config (default: $SIPSTREAM_CONFIG or configs/tiny.yaml).", show_default=False),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config field, e.g. --set runner.batch_size=32 (repeatable).", show_default=False),
+]
+BootstrapOpt = Annotated[
+    Optional[str],
+    typer.Option("--bootstrap-servers", "-b", help="Kafka bootstrap servers; overrides bus.bootstrap_servers.", show_default=False),
+]
+
+
+def _config(config: Path | None, sets: list[str] | None, bootstrap: str | None = None):  # noqa: ANN202
+    from sipstream.config import load_config
+    from sipstream.logs import configure_logging
+
+    overrides = list(sets or [])
+    if bootstrap:
+        overrides.append(f"bus.bootstrap_servers={bootstrap}")
+    cfg = load_config(config, overrides)
+    configure_logging(cfg.logging)
+    return cfg
+
+
+@app.command()
+def broker(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port (default: a free one).", show_default=False)] = None,
+    host: Annotated[Optional[str], typer.Option(help="Interface to listen on (default 127.0.0.1).", show_default=False)] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(help="Tansu storage engine: memory://tansu/ or s3://BUCKET/ (AWS_* env for S3).", show_default=False),
+    ] = None,
+    create_topics: Annotated[bool, typer.Option(help="Create the topics from topics/ once ready.")] = True,
+) -> None:
+    """Start the embedded Kafka-protocol broker (Tansu) and keep it running until Ctrl-C / SIGTERM."""
+    from sipstream.bus.embedded import run_broker
+
+    overrides = list(sets or [])
+    for key, value in (("port", port), ("host", host), ("storage", storage)):
+        if value is not None:
+            overrides.append(f"bus.embedded.{key}={value}")
+    run_broker(_config(config, overrides), create_topics=create_topics)
+
+
+@topics_app.command("create")
+def topics_create(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers: BootstrapOpt = None) -> None:
+    """Create every topic of topics/ that does not exist yet (idempotent)."""
+    from sipstream.bus import topics as T
+    from sipstream.bus.embedded import resolve_bootstrap
+
+    cfg = _config(config, sets, bootstrap_servers)
+    bootstrap = resolve_bootstrap(cfg)
+    for name, status in sorted(T.create_topics(cfg.bus, bootstrap, T.load_specs(T.topics_dir(cfg.bus))).items()):
+        typer.echo(f"{name:20s} {status}")
+
+
+@topics_app.command("list")
+def topics_list(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers: BootstrapOpt = None) -> None:
+    """List live topics with their partition counts."""
+    from sipstream.bus import topics as T
+    from sipstream.bus.embedded import resolve_bootstrap
+
+    cfg = _config(config, sets, bootstrap_servers)
+    for name, partitions in T.list_topics(cfg.bus, resolve_bootstrap(cfg)).items():
+        typer.echo(f"{name:20s} {partitions} partition(s)")
+
+
+@topics_app.command("describe")
+def topics_describe(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers: BootstrapOpt = None) -> None:
+    """Compare each spec in topics/ with the live topic; exit 1 when any differs."""
+    from sipstream.bus import topics as T
+    from sipstream.bus.embedded import resolve_bootstrap
+
+    cfg = _config(config, sets, bootstrap_servers)
+    specs = T.load_specs(T.topics_dir(cfg.bus))
+    states = T.describe_topics(cfg.bus, resolve_bootstrap(cfg), specs)
+    for st in states:
+        spec = specs[st.name]
+        status = "ok" if st.ok else "DIFFERS: " + "; ".join(st.differences)
+        typer.echo(f"{st.name:20s} partitions={st.partitions or '-'} retention.ms={st.configs.get('retention.ms', '?')} key={spec.key}  {status}")
+    if not all(st.ok for st in states):
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    stage: Annotated[str, typer.Argument(help="Stage to run: echo (more stages arrive with the pipeline).")],
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+    instance_id: Annotated[
+        Optional[str], typer.Option(help="Stable worker id (default: stage-host-pid).", show_default=False)
+    ] = None,
+    static: Annotated[
+        bool, typer.Option(help="Static group membership: a restart with the same --instance-id keeps its partitions.")
+    ] = False,
+    max_batches: Annotated[Optional[int], typer.Option(help="Stop after this many batches.", show_default=False)] = None,
+) -> None:
+    """Run one stage as a stream processor until Ctrl-C / SIGTERM."""
+    from sipstream.worker import run_worker
+
+    cfg = _config(config, sets, bootstrap_servers)
+    run_worker(cfg, stage, instance_id=instance_id, static_membership=static, max_batches=max_batches)
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the resolved config as YAML.")] = True,
+) -> None:
+    """Validate the config and print it resolved (file < SIPSTREAM_* env < --set)."""
+    import yaml
+
+    cfg = _config(config, sets)
+    if show:
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+) -> None:
+    """Run the whole loop on one machine, on the embedded broker unless a cluster is configured.
+
+    Creates the topics, starts every stage as a local process, ingests the shipped public-domain
+    corpus and stops once it has flowed through.
+    """
+    from sipstream.local import run_local
+
+    run_local(_config(config, sets, bootstrap_servers))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"sipstream: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

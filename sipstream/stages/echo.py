@@ -1,0 +1,28 @@
+"""The echo stage: copies documents to `sip.echo`. Exercises the runner without any model."""
+
+from __future__ import annotations
+
+import time
+
+from sipstream.bus import topics as T
+from sipstream.bus.runner import Item, Stage
+from sipstream.config import Config
+
+
+class EchoStage(Stage):
+    name = "echo"
+    input_topic = T.DOCUMENTS
+    output_topic = T.ECHO
+
+    def __init__(self, instance: str = "echo", delay_s: float = 0.0) -> None:
+        self.instance = instance
+        self.delay_s = delay_s
+
+    def process(self, item: Item) -> list[Item]:
+        if self.delay_s:
+            time.sleep(self.delay_s)  # stands in for model time in tests and demos
+        return [{**item, "echoed_by": self.instance}]
+
+
+def build(cfg: Config) -> EchoStage:
+    return EchoStage(delay_s=cfg.stages.echo.delay_s)
