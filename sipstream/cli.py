@@ -104,8 +104,7 @@ def topics_describe(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_ser
     cfg = _config(config, sets, bootstrap_servers)
     specs = T.load_specs(T.topics_dir(cfg.bus))
     states = T.describe_topics(cfg.bus, resolve_bootstrap(cfg), specs)
-    for st in states:
-        spec = specs[st.name]
+    for st, spec in zip(states, specs.values(), strict=True):
         status = "ok" if st.ok else "DIFFERS: " + "; ".join(st.differences)
         typer.echo(f"{st.name:20s} partitions={st.partitions or '-'} retention.ms={st.configs.get('retention.ms', '?')} key={spec.key}  {status}")
     if not all(st.ok for st in states):
@@ -165,7 +164,7 @@ def run(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="sipstream")
     except UserError as exc:
         typer.echo(f"sipstream: error: {exc}", err=True)
         sys.exit(2)

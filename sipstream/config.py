@@ -56,8 +56,14 @@ class BusConfig(StrictModel):
     """Directory of topic specs; default: the project's `topics/`."""
     group_prefix: str = "sipstream"
     """Consumer groups are named `<group_prefix>.<stage>`."""
+    topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    """Prepended to every topic name (e.g. `exp1.` → `exp1.sip.documents`): several runs share one cluster."""
     embedded: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig)
     """Settings of the embedded broker, used when `bootstrap_servers` is unset."""
+
+    def topic(self, name: str) -> str:
+        """The live name of the topic specified as `name` in topics/."""
+        return self.topic_prefix + name
 
 
 class RunnerConfig(StrictModel):

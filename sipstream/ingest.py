@@ -39,7 +39,7 @@ def produce_documents(bus: BusConfig, bootstrap: str, documents: Iterable[dict[s
             errors = spec.errors(doc)
             if errors:
                 raise UserError(f"document {doc.get('doc_id')!r} is invalid: {'; '.join(errors)}")
-            producer.produce(T.DOCUMENTS, key=doc["doc_id"].encode(), value=T.encode_value(doc), on_delivery=on_delivery)
+            producer.produce(bus.topic(T.DOCUMENTS), key=doc["doc_id"].encode(), value=T.encode_value(doc), on_delivery=on_delivery)
             producer.poll(0)
             sent += 1
     finally:

@@ -102,8 +102,8 @@ def run_local(cfg: Config, documents: list[dict] | None = None, timeout_s: float
         with Progress(transient=True) as progress:
             task = progress.add_task(f"items reaching {FINAL_TOPIC}", total=len(expected))
             while True:
-                done, _ = _count_topic(bootstrap, FINAL_TOPIC, specs[FINAL_TOPIC].partitions, "doc_id")
-                _, dead = _count_topic(bootstrap, T.DEADLETTER, specs[T.DEADLETTER].partitions, "offset")
+                done, _ = _count_topic(bootstrap, cfg.bus.topic(FINAL_TOPIC), specs[FINAL_TOPIC].partitions, "doc_id")
+                _, dead = _count_topic(bootstrap, cfg.bus.topic(T.DEADLETTER), specs[T.DEADLETTER].partitions, "offset")
                 progress.update(task, completed=len(done & expected))
                 result.completed, result.deadlettered = len(done & expected), dead
                 if result.completed + result.deadlettered >= len(expected):

@@ -14,7 +14,11 @@ from sipstream.errors import BrokerError
 
 
 def _base(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        # Idle-connection closes by the broker are normal; don't print them as failures.
+        "log.connection.close": False,
+    }
     # Security and any other librdkafka setting the user passes (SASL/SCRAM, TLS, client.rack, ...).
     conf.update(bus.client)
     return conf
@@ -76,7 +80,11 @@ def check_reachable(bus: BusConfig, bootstrap: str, timeout: float = 10.0) -> No
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient(admin_config(bus, bootstrap) | {"socket.connection.setup.timeout.ms": int(timeout * 1000)})
+    admin = AdminClient(
+        admin_config(bus, bootstrap)
+        # We report an unreachable broker ourselves, in one line; silence librdkafka's own retries.
+        | {"socket.connection.setup.timeout.ms": int(timeout * 1000), "log_level": 0}
+    )
     try:
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:

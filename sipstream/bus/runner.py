@@ -135,7 +135,7 @@ class StageRunner:
         """Consume, process, produce and commit until `stop()` (or `max_batches`, or `until(stats)`)."""
         from confluent_kafka import KafkaError, KafkaException
 
-        self.consumer.subscribe([self.stage.input_topic])
+        self.consumer.subscribe([self.cfg.bus.topic(self.stage.input_topic)])
         self.log.info("stage started", topic=self.stage.input_topic, output=self.stage.output_topic)
         batches = 0
         try:
@@ -155,7 +155,8 @@ class StageRunner:
                         continue
                     elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                         raise UserError(
-                            f"topic {self.stage.input_topic} does not exist; run `sipstream topics create` first"
+                            f"topic {self.cfg.bus.topic(self.stage.input_topic)} does not exist; "
+                            "run `sipstream topics create` first"
                         )
                     elif err.fatal() or not err.retriable():
                         raise KafkaException(err)
@@ -269,10 +270,11 @@ class StageRunner:
             self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
     def _produce(self, topic: str, value: Item) -> None:
+        """Produce to the topic specified as `topic` (its live name carries bus.topic_prefix)."""
         spec = self.specs[topic]
         key = value.get(spec.key)
         self.producer.produce(
-            topic,
+            self.cfg.bus.topic(topic),
             value=T.encode_value(value),
             key=None if key is None else str(key).encode("utf-8"),
             on_delivery=self._on_delivery,

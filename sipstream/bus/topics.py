@@ -127,11 +127,11 @@ def create_topics(
 
     admin = _admin(bus, bootstrap)
     live = set(admin.list_topics(timeout=timeout).topics)
-    result = {name: "exists" for name in specs if name in live}
+    result = {bus.topic(name): "exists" for name in specs if bus.topic(name) in live}
     todo = [
-        NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.topic_configs())
+        NewTopic(bus.topic(s.name), num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.topic_configs())
         for s in specs.values()
-        if s.name not in live
+        if bus.topic(s.name) not in live
     ]
     if not todo:
         return result
@@ -156,16 +156,17 @@ def describe_topics(bus: BusConfig, bootstrap: str, specs: dict[str, TopicSpec],
     metadata = admin.list_topics(timeout=timeout).topics
     states: list[TopicState] = []
     for spec in specs.values():
-        meta = metadata.get(spec.name)
+        live_name = bus.topic(spec.name)
+        meta = metadata.get(live_name)
         if meta is None:
-            states.append(TopicState(spec.name, exists=False, differences=["missing (run `sipstream topics create`)"]))
+            states.append(TopicState(live_name, exists=False, differences=["missing (run `sipstream topics create`)"]))
             continue
-        state = TopicState(spec.name, exists=True, partitions=len(meta.partitions))
+        state = TopicState(live_name, exists=True, partitions=len(meta.partitions))
         if state.partitions != spec.partitions:
             state.differences.append(f"partitions: live {state.partitions}, spec {spec.partitions}")
         # Not every broker answers DescribeConfigs fully; a config it does not report is not a difference.
         try:
-            resource = ConfigResource(ResourceType.TOPIC, spec.name)
+            resource = ConfigResource(ResourceType.TOPIC, live_name)
             entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout=timeout)
             state.configs = {k: v.value for k, v in entries.items() if v.value is not None}
         except Exception:  # noqa: BLE001 - reported as "unknown", compared where known

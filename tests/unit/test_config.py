@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from sipstream.config import Config, load_config
+from sipstream.errors import ConfigError
+
+
+def test_shipped_tiny_config_is_the_embedded_default() -> None:
+    cfg = load_config(env={})
+    assert cfg.embedded and cfg.bus.bootstrap_servers is None
+    assert cfg.items.suffix_tokens == 128  # the paper's chunk length
+    assert cfg.rollout.rollouts == 2
+
+
+def test_layers_file_then_env_then_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("runner:\n  batch_size: 4\nitems:\n  suffix_tokens: 64\n")
+    env = {"SIPSTREAM_RUNNER__BATCH_SIZE": "7", "SIPSTREAM_BUS__BOOTSTRAP_SERVERS": "kafka:9092", "OTHER": "x"}
+    cfg = load_config(path, ["runner.batch_size=9", "rollout.temperature=0.7"], env=env)
+    assert cfg.runner.batch_size == 9  # --set beats env beats file
+    assert cfg.bus.bootstrap_servers == "kafka:9092" and not cfg.embedded
+    assert cfg.items.suffix_tokens == 64
+    assert cfg.rollout.temperature == pytest.approx(0.7)
+    assert load_config(path, env={"SIPSTREAM_RUNNER__BATCH_SIZE": "7"}).runner.batch_size == 7
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: from-env\n")
+    assert load_config(env={"SIPSTREAM_CONFIG": str(path)}).run_name == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "needle"),
+    [
+        (["runner.batch_size=0"], {}, "runner.batch_size: Input should be greater than or equal to 1 [from --set runner.batch_size]"),
+        (["runner.batchsize=3"], {}, "runner.batchsize: unknown field"),
+        ([], {"SIPSTREAM_ROLLOUT__TOP_P": "2"}, "rollout.top_p: Input should be less than or equal to 1 [from env SIPSTREAM_ROLLOUT__TOP_P]"),
+        (["learner.algo=ppo"], {}, "learner.algo: Input should be 'dpo', 'nll' or 'pretrain'"),
+        (["items.suffix_tokens=4096"], {}, "suffix_tokens (4096) must be smaller than max_context_tokens (2048)"),
+        (["runner.batch_size"], {}, "--set expects section.field=value"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_field(overrides: list[str], env: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides, env=env)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runner: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, env={})
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar, env={})
+
+
+def test_every_field_is_documented() -> None:
+    def walk(model: type, path: str) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{path}{name}")
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                missing += walk(ann, f"{path}{name}.")
+        return missing
+
+    assert walk(Config, "") == []
+
+
+def test_topic_prefix_names_live_topics() -> None:
+    cfg = load_config(overrides=["bus.topic_prefix=exp1."], env={})
+    assert cfg.bus.topic("sip.pairs") == "exp1.sip.pairs"
+    with pytest.raises(ConfigError, match="bus.topic_prefix"):
+        load_config(overrides=["bus.topic_prefix=bad prefix"], env={})
