@@ -1,0 +1,1 @@
+"""Benchmarks and design experiments; each script writes its results under benchmarks/results/."""
