@@ -132,6 +132,48 @@ def worker(
     run_worker(cfg, stage, instance_id=instance_id, static_membership=static, max_batches=max_batches)
 
 
+@app.command()
+def ingest(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="Files, folders, globs or fsspec URLs (file://, s3://); `builtin:public_domain` is the shipped corpus."),
+    ],
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto (by extension), text, jsonl or parquet.")] = "auto",
+    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field holding the text.")] = "text",
+    id_field: Annotated[
+        Optional[str], typer.Option(help="Field holding a document id (default: a hash of the text).", show_default=False)
+    ] = None,
+    max_document_bytes: Annotated[int, typer.Option(help="Larger documents are rejected to the dead-letter topic.")] = 10 * 1024 * 1024,
+    limit: Annotated[Optional[int], typer.Option(help="Stop after this many documents.", show_default=False)] = None,
+) -> None:
+    """Put documents on sip.documents; bad ones go to sip.deadletter with the reason."""
+    import itertools
+
+    from sipstream.bus.embedded import resolve_bootstrap
+    from sipstream.ingest import Rejected, iter_documents, produce_documents
+
+    if fmt not in ("auto", "text", "jsonl", "parquet"):
+        raise UserError(f"--format must be auto, text, jsonl or parquet, not {fmt!r}")
+    cfg = _config(config, sets, bootstrap_servers)
+    bootstrap = resolve_bootstrap(cfg)
+    docs = iter_documents(sources, fmt, text_field, id_field, max_document_bytes)  # type: ignore[arg-type]
+    if limit is not None:
+        counted = 0
+
+        def under_limit(d: object) -> bool:
+            nonlocal counted
+            counted += not isinstance(d, Rejected)
+            return counted <= limit
+
+        docs = itertools.takewhile(under_limit, docs)
+    report = produce_documents(cfg.bus, bootstrap, docs, progress=True)
+    rejected = ", ".join(f"{n} {reason}" for reason, n in report.rejected.most_common()) or "none"
+    typer.echo(f"ingested {report.ingested} documents in {report.seconds:.1f}s; rejected: {rejected}")
+
+
 @app.command("config")
 def show_config(
     config: ConfigOpt = None,
@@ -151,6 +193,14 @@ def run(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     bootstrap_servers: BootstrapOpt = None,
+    source: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Documents to ingest (as `sipstream ingest`); default: the shipped public-domain corpus.",
+                     show_default=False),
+    ] = None,
+    max_documents: Annotated[
+        Optional[int], typer.Option(help="Ingest at most this many documents (local.max_documents).", show_default=False)
+    ] = None,
 ) -> None:
     """Run the whole loop on one machine, on the embedded broker unless a cluster is configured.
 
@@ -159,7 +209,8 @@ def run(
     """
     from sipstream.local import run_local
 
-    run_local(_config(config, sets, bootstrap_servers))
+    overrides = list(sets or []) + ([f"local.max_documents={max_documents}"] if max_documents else [])
+    run_local(_config(config, overrides, bootstrap_servers), sources=source)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sipstream.errors import ConfigError
+from sipstream.models.config import JudgeSpec, ModelsConfig, RewriterSpec
 
 ENV_PREFIX = "SIPSTREAM_"
 # Environment variables with this prefix that are not config fields.
@@ -88,12 +89,19 @@ class ItemsConfig(StrictModel):
     """Skip chunks whose prefix is shorter than this (0: the first chunk of a document has an empty prefix)."""
     max_items_per_document: int | None = Field(None, ge=1)
     """Cap on items cut from one document; unset: no cap."""
+    min_suffix_tokens: int = Field(16, ge=1)
+    """A document's last, shorter chunk becomes an item only if it has at least this many tokens."""
 
     @model_validator(mode="after")
     def _suffix_fits_context(self) -> ItemsConfig:
         if self.suffix_tokens >= self.max_context_tokens:
             raise ValueError(
                 f"suffix_tokens ({self.suffix_tokens}) must be smaller than max_context_tokens ({self.max_context_tokens})"
+            )
+        if self.min_suffix_tokens > self.suffix_tokens:
+            raise ValueError(
+                f"min_suffix_tokens ({self.min_suffix_tokens}) must not exceed suffix_tokens ({self.suffix_tokens}), "
+                "or no chunk would become an item"
             )
         return self
 
@@ -105,6 +113,13 @@ class RolloutConfig(StrictModel):
     """Sampling temperature of rollouts (paper: 1.0)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold of rollouts (paper: 1.0)."""
+
+
+class PairsConfig(StrictModel):
+    margin: float = Field(0.0, ge=0)
+    """DPO pair only when chosen's total beats rejected's by more than this (0: any non-tie; the paper has none)."""
+    nll_min_total: float | None = None
+    """Reward-filtered NLL trains on the best candidate only when its total reaches this (unset: always)."""
 
 
 class LearnerConfig(StrictModel):
@@ -124,6 +139,15 @@ class EchoStageConfig(StrictModel):
 class StagesConfig(StrictModel):
     echo: EchoStageConfig = Field(default_factory=EchoStageConfig)
     """The diagnostics stage that copies sip.documents to sip.echo."""
+
+
+class LocalRunConfig(StrictModel):
+    max_documents: int | None = Field(16, ge=1)
+    """`sipstream run` ingests at most this many documents of the shipped corpus (unset: all)."""
+    timeout_s: float = Field(3600.0, gt=0)
+    """`sipstream run` gives up (and says so) after this long."""
+    max_restarts: int = Field(3, ge=0)
+    """A crashed worker is restarted this many times before `sipstream run` gives up."""
 
 
 class LoggingConfig(StrictModel):
@@ -148,10 +172,20 @@ class Config(StrictModel):
     """How documents are cut into prefix/suffix items."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     """Policy sampling."""
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    """Which model plays each role: policy, judge, rewriter."""
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    """How the judge scores candidates."""
+    rewriter: RewriterSpec = Field(default_factory=RewriterSpec)
+    """How the rewriter proposes a better suffix."""
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    """How judged candidates become DPO pairs and NLL targets."""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     """Training."""
     stages: StagesConfig = Field(default_factory=StagesConfig)
     """Per-stage settings."""
+    local: LocalRunConfig = Field(default_factory=LocalRunConfig)
+    """`sipstream run` on one machine."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Log events."""
 

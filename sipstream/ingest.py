@@ -1,49 +1,237 @@
-"""Putting documents on `sip.documents`.
+"""`sipstream ingest`: put documents on `sip.documents`.
 
-A document's `doc_id` is the content hash of its text unless the source gives one, so re-ingesting the
-same text is idempotent downstream (same doc_id → same item_ids → deduplicated).
+Sources are local paths, directories, globs or fsspec URLs (`file://`, `s3://`, ...), in plain text (one
+document per file), JSON Lines (one document per line; text field configurable) or Parquet (one per
+row). Large files are streamed: a JSONL file line by line, a Parquet file batch by batch. Each document
+gets a stable `doc_id` — the source's id field if configured, else a hash of its text — so ingesting the
+same text twice yields the same items downstream, where duplicates are removed by `item_id`.
+
+Bad input is never silently dropped: an empty, binary or non-UTF-8 document is counted, logged and put
+on `sip.deadletter` (stage `ingest`) with its reason and location, and ingestion continues.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from collections.abc import Iterable
-from typing import Any
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from sipstream.bus import topics as T
 from sipstream.bus.client import producer_config
 from sipstream.config import BusConfig
 from sipstream.errors import UserError
+from sipstream.logs import get_logger
+
+Format = Literal["auto", "text", "jsonl", "parquet"]
+BUILTIN_CORPUS = "builtin:public_domain"
+_EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
+               ".json": "jsonl", ".parquet": "parquet"}
 
 
 def content_doc_id(text: str) -> str:
     return "sha256-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def produce_documents(bus: BusConfig, bootstrap: str, documents: Iterable[dict[str, Any]]) -> int:
-    """Validate and produce documents (keyed by doc_id); return how many were acknowledged."""
+@dataclass
+class Rejected:
+    """A source document that cannot become a record, and why."""
+
+    source: str
+    position: int  # line or row number in its file (0 for a whole-file document)
+    reason: str
+    raw: bytes
+
+
+@dataclass
+class IngestReport:
+    ingested: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+def _detect(path: str, fmt: Format) -> str:
+    if fmt != "auto":
+        return fmt
+    for ext, kind in _EXTENSIONS.items():
+        if path.lower().endswith(ext) or path.lower().endswith(ext + ".gz"):
+            return kind
+    raise UserError(f"cannot tell the format of {path}: use --format text|jsonl|parquet")
+
+
+def _check_text(raw: bytes, max_bytes: int) -> tuple[str | None, str | None]:
+    """(text, None) for a usable document, else (None, reason)."""
+    if len(raw) > max_bytes:
+        return None, f"too large: {len(raw)} bytes > {max_bytes} (raise --max-document-bytes)"
+    if b"\x00" in raw:
+        return None, "binary: contains NUL bytes"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8: {exc}"
+    if not text.strip():
+        return None, "empty document"
+    return text, None
+
+
+def _expand(sources: Iterable[str]) -> list[str]:
+    import fsspec
+
+    paths: list[str] = []
+    for source in sources:
+        fs, _, found = fsspec.get_fs_token_paths(source)
+        found = [p for p in found if fs.exists(p)]
+        if not found:
+            raise UserError(f"no input matches {source}")
+        for path in found:
+            if fs.isdir(path):
+                children = sorted(p for p in fs.find(path) if any(p.lower().endswith(e) for e in _EXTENSIONS))
+                paths.extend(fs.unstrip_protocol(p) for p in children)
+            else:
+                paths.append(fs.unstrip_protocol(path))
+    return paths
+
+
+def iter_documents(
+    sources: Iterable[str],
+    fmt: Format = "auto",
+    text_field: str = "text",
+    id_field: str | None = None,
+    max_document_bytes: int = 10 * 1024 * 1024,
+) -> Iterator[dict[str, Any] | Rejected]:
+    """Documents (sip.documents values) and rejections, streamed from the sources in order."""
+    import fsspec
+
+    for source in sources:
+        if source == BUILTIN_CORPUS:
+            from sipstream.data import load_corpus
+
+            yield from load_corpus()
+            continue
+        for path in _expand([source]):
+            kind = _detect(path, fmt)
+            if kind == "text":
+                with fsspec.open(path, "rb", compression="infer") as f:
+                    raw = f.read(max_document_bytes + 1)
+                text, reason = _check_text(raw, max_document_bytes)
+                if reason:
+                    yield Rejected(path, 0, reason, raw)
+                else:
+                    yield {"doc_id": content_doc_id(text), "text": text, "source": path, "meta": {}}
+            elif kind == "jsonl":
+                with fsspec.open(path, "rb", compression="infer") as f:
+                    for lineno, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        yield _from_record_bytes(line, path, lineno, text_field, id_field, max_document_bytes)
+            else:
+                yield from _iter_parquet(path, text_field, id_field, max_document_bytes)
+
+
+def _from_record_bytes(
+    line: bytes, path: str, position: int, text_field: str, id_field: str | None, max_bytes: int
+) -> dict[str, Any] | Rejected:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return Rejected(path, position, f"line is not JSON: {exc}", line)
+    if not isinstance(record, dict):
+        return Rejected(path, position, f"line is a JSON {type(record).__name__}, expected an object", line)
+    return _from_record(record, path, position, text_field, id_field, max_bytes, line)
+
+
+def _from_record(
+    record: dict[str, Any], path: str, position: int, text_field: str, id_field: str | None, max_bytes: int, raw: bytes
+) -> dict[str, Any] | Rejected:
+    value = record.get(text_field)
+    if not isinstance(value, str):
+        return Rejected(path, position, f"field {text_field!r} missing or not a string (set --text-field)", raw)
+    text, reason = _check_text(value.encode("utf-8", errors="surrogatepass"), max_bytes)
+    if reason:
+        return Rejected(path, position, reason, raw)
+    doc_id = record.get(id_field) if id_field else None
+    doc_id = str(doc_id) if doc_id not in (None, "") else content_doc_id(text)
+    meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
+    return {"doc_id": doc_id[:200], "text": text, "source": f"{path}#{position}", "meta": meta}
+
+
+def _iter_parquet(path: str, text_field: str, id_field: str | None, max_bytes: int) -> Iterator[dict | Rejected]:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb") as f:
+        reader = pq.ParquetFile(f)
+        if text_field not in reader.schema_arrow.names:
+            raise UserError(f"{path} has no column {text_field!r} (columns: {', '.join(reader.schema_arrow.names)})")
+        row = 0
+        for batch in reader.iter_batches(batch_size=1024):  # bounded memory on large files
+            for record in batch.to_pylist():
+                row += 1
+                raw = json.dumps(record, default=str).encode()
+                yield _from_record({k: v for k, v in record.items()}, path, row, text_field, id_field, max_bytes, raw)
+
+
+def _rejection_record(rej: Rejected, limit: int = 256 * 1024) -> dict[str, Any]:
+    return {
+        "stage": "ingest", "error": "bad_encoding" if "UTF-8" in rej.reason or "binary" in rej.reason else "schema",
+        "reason": rej.reason, "topic": rej.source, "partition": 0, "offset": rej.position, "key": None,
+        "value_b64": base64.b64encode(rej.raw[:limit]).decode("ascii"), "value_bytes": len(rej.raw),
+        "value_sha256": hashlib.sha256(rej.raw).hexdigest(), "truncated": len(rej.raw) > limit, "ts": time.time(),
+    }
+
+
+def produce_documents(
+    bus: BusConfig, bootstrap: str, documents: Iterable[dict[str, Any] | Rejected], progress: bool = False
+) -> IngestReport:
+    """Validate and produce documents (keyed by doc_id) and rejections (to the dead-letter topic);
+    return once every record is acknowledged."""
     from confluent_kafka import Producer
 
+    log = get_logger(stage="ingest")
     spec = T.load_specs(T.topics_dir(bus))[T.DOCUMENTS]
     producer = Producer(producer_config(bus, bootstrap, client_id="sipstream-ingest"))
+    report = IngestReport()
     failures: list[str] = []
-    sent = 0
+    started = time.monotonic()
 
     def on_delivery(err: Any, msg: Any) -> None:
         if err is not None:
             failures.append(err.str())
 
+    bar = None
+    if progress:
+        from rich.progress import Progress, SpinnerColumn, TextColumn
+
+        bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True)
+        task = bar.add_task("ingesting")
+        bar.start()
     try:
         for doc in documents:
-            doc = {"doc_id": doc.get("doc_id") or content_doc_id(doc.get("text", "")), **doc}
+            if isinstance(doc, Rejected):
+                report.rejected[doc.reason.split(":")[0]] += 1
+                log.warning("document rejected", source=doc.source, position=doc.position, reason=doc.reason)
+                producer.produce(bus.topic(T.DEADLETTER), key=b"ingest", value=T.encode_value(_rejection_record(doc)),
+                                 on_delivery=on_delivery)
+                continue
+            doc = {**doc, "doc_id": doc.get("doc_id") or content_doc_id(doc.get("text", ""))}
             errors = spec.errors(doc)
             if errors:
                 raise UserError(f"document {doc.get('doc_id')!r} is invalid: {'; '.join(errors)}")
-            producer.produce(bus.topic(T.DOCUMENTS), key=doc["doc_id"].encode(), value=T.encode_value(doc), on_delivery=on_delivery)
+            producer.produce(bus.topic(T.DOCUMENTS), key=doc["doc_id"].encode(), value=T.encode_value(doc),
+                             on_delivery=on_delivery)
             producer.poll(0)
-            sent += 1
+            report.ingested += 1
+            if bar is not None:
+                bar.update(task, description=f"ingested {report.ingested}, rejected {sum(report.rejected.values())}")
     finally:
         remaining = producer.flush(30.0)
+        if bar is not None:
+            bar.stop()
     if remaining or failures:
-        raise UserError(f"{remaining + len(failures)} of {sent} documents were not acknowledged by the broker: {failures[:3]}")
-    return sent
+        raise UserError(f"{remaining + len(failures)} records were not acknowledged by the broker: {failures[:3]}")
+    report.seconds = time.monotonic() - started
+    return report

@@ -1,136 +1,199 @@
 """`sipstream run`: the whole loop on one machine.
 
-Starts the embedded broker (unless a cluster is configured), creates the topics, starts every stage
-as its own local `sipstream worker` process (as in a deployment, one process per stage), ingests the
-shipped public-domain corpus, follows the records to the last topic, then stops the workers
-(SIGTERM: each finishes its batch and commits) and the broker.
+Starts the embedded broker (unless a cluster is configured), creates the topics, starts every stage as
+its own local `sipstream worker` process (as in a deployment: one process per stage), ingests documents,
+follows the records to the last topic with a live status line, and stops everything in order
+(SIGTERM: each worker finishes its batch and commits; then the broker). A child that crashes is
+restarted (up to `local.max_restarts` times) and reported. Everything a run writes goes to its run
+directory: the resolved config, one log per process, and the summary.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from sipstream.bus import topics as T
 from sipstream.bus.broker import EmbeddedBroker
+from sipstream.bus.tail import TopicTail
 from sipstream.config import Config
 from sipstream.errors import UserError
 from sipstream.logs import get_logger
 
 # The stages `sipstream run` starts, in pipeline order, and the topic whose records mark an item done.
-PIPELINE: tuple[str, ...] = ("echo",)
-FINAL_TOPIC = T.ECHO
+PIPELINE: tuple[str, ...] = ("split", "rewrite", "rollout", "judge", "assemble")
+FINAL_TOPIC = T.PAIRS
+STATUS_TOPICS = (T.DOCUMENTS, T.PREFIXES, T.REWRITTEN, T.ROLLOUTS, T.JUDGED, T.PAIRS)
 
 
 @dataclass
 class LocalRunResult:
+    run_dir: str = ""
     ingested: int = 0
+    items: int = 0
     completed: int = 0
     deadlettered: int = 0
+    chosen_by_kind: dict[str, int] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    workers_exit_codes: dict[str, int] = field(default_factory=dict)
 
 
-def _count_topic(bootstrap: str, topic: str, partitions: int, key_field: str) -> tuple[set[str], int]:
-    """Distinct keys and record count in a topic, read from the beginning with assign() (no group join)."""
-    from confluent_kafka import Consumer, TopicPartition
+class Child:
+    """One supervised worker process; its output goes to `<run_dir>/logs/<name>.log`."""
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "sipstream-run-watch", "enable.auto.commit": False})
-    try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-        keys: set[str] = set()
-        count = 0
-        idle = 0
-        while idle < 2:
-            batch = consumer.consume(500, timeout=0.2)
-            if not batch:
-                idle += 1
-                continue
-            idle = 0
-            for msg in batch:
-                if msg.error() is None:
-                    count += 1
-                    keys.add(str(json.loads(msg.value()).get(key_field)))
-        return keys, count
-    finally:
-        consumer.close()
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.restarts = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
+        log.write(f"--- start {dt.datetime.now(dt.timezone.utc).isoformat()} argv={self.argv}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def crashed(self) -> int | None:
+        return None if self.proc is None or self.proc.poll() is None else self.proc.returncode
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # finish the batch, flush, commit, leave the group
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
 
 
-def run_local(cfg: Config, documents: list[dict] | None = None, timeout_s: float = 3600.0) -> LocalRunResult:
-    from rich.progress import Progress
+def new_run_dir(cfg: Config) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run_dir) / f"{cfg.run_name}-{stamp}-{os.getpid()}"
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    return run_dir
 
-    from sipstream.ingest import produce_documents
+
+def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[str] | None = None) -> LocalRunResult:
+    """Run the loop until every ingested document's items reached `sip.pairs` (or dead letters)."""
+    from sipstream.ingest import BUILTIN_CORPUS, Rejected, iter_documents, produce_documents
 
     log = get_logger(component="run")
-    result = LocalRunResult()
+    run_dir = new_run_dir(cfg)
+    result = LocalRunResult(run_dir=str(run_dir))
     started = time.monotonic()
-    broker = None
-    workers: dict[str, subprocess.Popen[bytes]] = {}
     specs = T.load_specs(T.topics_dir(cfg.bus))
     if documents is None:
-        from sipstream.data import load_corpus
+        docs: list[Any] = list(iter_documents(sources or [BUILTIN_CORPUS]))
+        documents = [d for d in docs if not isinstance(d, Rejected)]
+    if cfg.local.max_documents is not None:
+        documents = documents[: cfg.local.max_documents]
 
-        documents = load_corpus()
+    broker = None
+    children: list[Child] = []
+    tails: dict[str, TopicTail] = {}
+    chosen: Counter[str] = Counter()
     try:
         bootstrap = cfg.bus.bootstrap_servers
         if bootstrap is None:
             broker = EmbeddedBroker(cfg.bus.embedded)
             bootstrap = broker.start()
-            print(f"embedded broker at {bootstrap}", flush=True)
         T.create_topics(cfg.bus, bootstrap, specs)
+        print(f"run directory {run_dir}; broker {bootstrap}", flush=True)
 
         # Workers get the resolved config, so --set and env overrides reach them too.
-        cfg_file = Path(tempfile.mkstemp(prefix="sipstream-run-", suffix=".yaml")[1])
-        cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        cfg_file = run_dir / "config.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         for stage in PIPELINE:
-            workers[stage] = subprocess.Popen(
-                [sys.executable, "-m", "sipstream", "worker", stage, "--config", str(cfg_file), "--bootstrap-servers", bootstrap]
-            )
+            argv = [sys.executable, "-m", "sipstream", "worker", stage, "--config", str(cfg_file),
+                    "--bootstrap-servers", bootstrap, "--instance-id", f"{stage}-local"]
+            children.append(Child(stage, argv, run_dir / "logs"))
+        for child in children:
+            child.start()
 
-        result.ingested = produce_documents(cfg.bus, bootstrap, documents)
+        result.ingested = produce_documents(cfg.bus, bootstrap, documents).ingested
         print(f"ingested {result.ingested} documents; stages: {' → '.join(PIPELINE)}", flush=True)
-        expected = {d["doc_id"] for d in documents}
-        deadline = time.monotonic() + timeout_s
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"items reaching {FINAL_TOPIC}", total=len(expected))
-            while True:
-                done, _ = _count_topic(bootstrap, cfg.bus.topic(FINAL_TOPIC), specs[FINAL_TOPIC].partitions, "doc_id")
-                _, dead = _count_topic(bootstrap, cfg.bus.topic(T.DEADLETTER), specs[T.DEADLETTER].partitions, "offset")
-                progress.update(task, completed=len(done & expected))
-                result.completed, result.deadlettered = len(done & expected), dead
-                if result.completed + result.deadlettered >= len(expected):
-                    break
-                crashed = {s: p.returncode for s, p in workers.items() if p.poll() is not None}
-                if crashed:
-                    raise UserError(f"worker(s) exited early: {crashed}; see their log lines above")
-                if time.monotonic() > deadline:
-                    raise UserError(f"run timed out after {timeout_s:.0f}s with {result.completed}/{len(expected)} done")
-                time.sleep(1.0)
+
+        def on_pair(pair: dict) -> None:
+            chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
+
+        for topic in (*STATUS_TOPICS, T.DEADLETTER):
+            tails[topic] = TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions,
+                                     on_record=on_pair if topic == FINAL_TOPIC else None)
+        deadline = time.monotonic() + cfg.local.timeout_s
+        interactive = sys.stdout.isatty()
+        last_line = ""
+        while True:
+            # Order matters: check that split committed everything *before* reading its output, since
+            # split commits only after its items are acknowledged, the poll below then sees them all.
+            tails[T.DOCUMENTS].poll()
+            split_done = tails[T.DOCUMENTS].count >= result.ingested and tails[T.DOCUMENTS].committed_by(
+                bootstrap, f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
+            for tail in tails.values():
+                tail.poll()
+            result.items = tails[T.PREFIXES].count
+            result.completed = tails[FINAL_TOPIC].count
+            result.deadlettered = tails[T.DEADLETTER].count
+            line = "  ".join(f"{t.removeprefix('sip.')} {tails[t].count}" for t in STATUS_TOPICS)
+            line += f"  deadletter {result.deadlettered}  chosen {dict(chosen)}"
+            if line != last_line:
+                print(("\r" + line[:200]) if interactive else line, end="" if interactive else "\n", flush=True)
+                last_line = line
+
+            if split_done and result.completed + result.deadlettered >= result.items:
+                break
+            for child in children:
+                code = child.crashed()
+                if code is None:
+                    continue
+                if child.restarts >= cfg.local.max_restarts:
+                    raise UserError(f"worker {child.name} exited with code {code} {child.restarts + 1} times; "
+                                    f"last lines of {child.log_path}: {child.tail()}")
+                child.restarts += 1
+                log.warning("worker crashed; restarting", worker=child.name, exit_code=code, restarts=child.restarts)
+                child.start()
+            if time.monotonic() > deadline:
+                raise UserError(f"run timed out after {cfg.local.timeout_s:.0f}s with {result.completed}/{result.items} "
+                                "items done (raise local.timeout_s or lower local.max_documents)")
+            time.sleep(1.0)
+        if interactive:
+            print(flush=True)
     finally:
-        for proc in workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for stage, proc in workers.items():
-            try:
-                result.workers_exit_codes[stage] = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                result.workers_exit_codes[stage] = proc.wait()
+        for tail in tails.values():
+            tail.close()
+        for child in children:
+            result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
+            result.restarts[child.name] = child.restarts
         if broker is not None:
             broker.stop()
-    result.seconds = time.monotonic() - started
-    log.info("run finished", **result.__dict__)
+        result.chosen_by_kind = dict(chosen)
+        result.seconds = time.monotonic() - started
+        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+    log.info("run finished", **{k: v for k, v in asdict(result).items() if k != "run_dir"})
     print(
-        f"done: {result.completed}/{result.ingested} documents reached {FINAL_TOPIC}, "
-        f"{result.deadlettered} dead-lettered, {result.seconds:.1f}s",
+        f"done: {result.ingested} documents → {result.items} items; {result.completed} reached {FINAL_TOPIC}, "
+        f"{result.deadlettered} dead-lettered, {result.seconds:.1f}s (summary in {run_dir}/summary.json)",
         flush=True,
     )
     return result

@@ -74,6 +74,7 @@ class Pair(TypedDict):
     chosen: Candidate | None
     rejected: Candidate | None
     target: Candidate | None
+    why: NotRequired[list[str]]
 
 
 class WeightsAnnouncement(TypedDict):

@@ -43,6 +43,8 @@ class Stage:
     name: str = "stage"
     input_topic: str = ""
     output_topic: str | None = None
+    # Topics read in full by every instance (not shared in a group), e.g. weight announcements.
+    control_topics: tuple[str, ...] = ()
 
     def process(self, item: Item) -> list[Item]:
         raise NotImplementedError
@@ -51,8 +53,15 @@ class Stage:
         """Outputs per input, in order. Raising here makes the runner retry the items one by one."""
         return [self.process(item) for item in items]
 
+    def on_control(self, topic: str, value: Item) -> None:
+        """A record of one of `control_topics` arrived (validated against its schema)."""
+
     def before_batch(self) -> None:
-        """Called between batches (e.g. to load newly announced weights)."""
+        """Called between batches, after control records were delivered (e.g. to load new weights)."""
+
+    def stage_counters(self) -> dict[str, float]:
+        """Stage-specific counters published with the runner's metrics (e.g. chosen candidates by kind)."""
+        return dict(getattr(self, "counters", {}))
 
     def close(self) -> None:
         """Release models and files."""
@@ -96,7 +105,7 @@ class StageRunner:
         self.stage = stage
         self.cfg = cfg
         self.specs = specs or T.load_specs(T.topics_dir(cfg.bus))
-        for topic in filter(None, (stage.input_topic, stage.output_topic)):
+        for topic in filter(None, (stage.input_topic, stage.output_topic, *stage.control_topics)):
             if topic not in self.specs:
                 raise UserError(f"stage {stage.name} uses topic {topic}, which has no spec in topics/")
         self.input_spec = self.specs[stage.input_topic]
@@ -118,6 +127,20 @@ class StageRunner:
                 instance_id=self.instance_id if static_membership else None,
             )
         )
+        self.control = None
+        if stage.control_topics:
+            from confluent_kafka import TopicPartition
+
+            # assign(), not subscribe(): every instance must see every control record, from the start,
+            # so a restarted worker catches up to the latest announcement.
+            self.control = Consumer(
+                consumer_config(cfg.bus, bootstrap, group_id=f"{cfg.bus.group_prefix}.{stage.name}.control",
+                                client_id=self.instance_id)
+            )
+            self.control.assign([
+                TopicPartition(cfg.bus.topic(t), p, 0)
+                for t in stage.control_topics for p in range(self.specs[t].partitions)
+            ])
 
     # ------------------------------------------------------------------ control
 
@@ -140,6 +163,7 @@ class StageRunner:
         batches = 0
         try:
             while not self._stopping:
+                self._deliver_control()
                 self.stage.before_batch()
                 # consume() is the batched form of poll(): it also serves the consumer's callbacks.
                 messages = self.consumer.consume(
@@ -234,6 +258,25 @@ class StageRunner:
             return results
 
     # ------------------------------------------------------------------ helpers
+
+    def _deliver_control(self) -> None:
+        """Hand the stage any new control records (non-blocking)."""
+        if self.control is None:
+            return
+        for msg in self.control.consume(num_messages=100, timeout=0):
+            if msg.error() is not None:
+                continue
+            topic = msg.topic().removeprefix(self.cfg.bus.topic_prefix)
+            try:
+                value = json.loads(msg.value())
+                errors = self.specs[topic].errors(value)
+            except (ValueError, TypeError) as exc:
+                errors = [f"not JSON: {exc}"]
+            if errors:
+                self.stats.counters["control_invalid"] += 1
+                self.log.error("invalid control record ignored", topic=msg.topic(), offset=msg.offset(), errors=errors[:3])
+                continue
+            self.stage.on_control(topic, value)
 
     def _decode(self, msg: Any) -> Item | _Failure:
         raw = msg.value()
@@ -331,7 +374,10 @@ class StageRunner:
             "instance": self.instance_id,
             "ts": now,
             "interval_s": self.cfg.runner.metrics_interval_s,
-            "counters": {k: float(v) for k, v in sorted(c.items())},
+            "counters": {
+                **{k: float(v) for k, v in sorted(c.items())},
+                **{f"stage.{k}": float(v) for k, v in sorted(self.stage.stage_counters().items())},
+            },
             "gauges": {
                 "records_per_s": c["consumed"] / elapsed,
                 "uptime_s": elapsed,
@@ -354,5 +400,7 @@ class StageRunner:
             self.log.warning("final flush failed", error=repr(exc))
         finally:
             self.consumer.close()  # leaves the group so partitions move on at once
+            if self.control is not None:
+                self.control.close()
             self.stage.close()
             self.log.info("stage stopped", **{k: v for k, v in self.stats.counters.items() if "." not in k})

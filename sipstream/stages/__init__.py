@@ -14,6 +14,11 @@ from sipstream.errors import UserError
 
 STAGES: dict[str, str] = {
     "echo": "sipstream.stages.echo",
+    "split": "sipstream.stages.split",
+    "rewrite": "sipstream.stages.rewrite",
+    "rollout": "sipstream.stages.rollout",
+    "judge": "sipstream.stages.judge",
+    "assemble": "sipstream.stages.assemble",
 }
 
 

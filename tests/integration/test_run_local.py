@@ -1,22 +1,39 @@
-"""`sipstream run` end to end: embedded broker, topics, worker processes, the shipped corpus."""
+"""`sipstream run` end to end: embedded broker, topics, one worker process per stage, the shipped corpus."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from sipstream.config import project_root
+
+STAGES = {"split", "rewrite", "rollout", "judge", "assemble"}
+
 
 @pytest.mark.slow
-def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path) -> None:  # noqa: ANN001
-    from sipstream.data import load_corpus
+def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
+         "--set", f"run_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "ingested 6 documents; stages: split → rewrite → rollout → judge → assemble" in result.stdout
+    summary_line = next(line for line in result.stdout.splitlines() if line.startswith("done:"))
+    # 6 documents, at most 2 items each (smoke.yaml); every item reaches sip.pairs, none dead-lettered.
+    assert "6 documents → 12 items; 12 reached sip.pairs, 0 dead-lettered" in summary_line
 
-    result = subprocess.run([sys.executable, "-m", "sipstream", "run"], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    n = len(load_corpus())
-    assert f"ingested {n} documents" in result.stdout
-    assert f"done: {n}/{n} documents reached" in result.stdout
-    assert "0 dead-lettered" in result.stdout
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_codes"] == {s: 0 for s in STAGES} and summary["restarts"] == {s: 0 for s in STAGES}
+    assert sum(summary["chosen_by_kind"].values()) == 12
+    for stage in STAGES:  # each worker logged to its own file and stopped gracefully
+        events = [json.loads(line) for line in (run_dir / "logs" / f"{stage}.log").read_text().splitlines()
+                  if line.startswith("{")]
+        assert any(e.get("event") == "stage stopped" for e in events), stage
+    assert (run_dir / "config.yaml").exists()

@@ -40,6 +40,7 @@ def test_config_path_from_env(tmp_path: Path) -> None:
         (["learner.algo=ppo"], {}, "learner.algo: Input should be 'dpo', 'nll' or 'pretrain'"),
         (["items.suffix_tokens=4096"], {}, "suffix_tokens (4096) must be smaller than max_context_tokens (2048)"),
         (["runner.batch_size"], {}, "--set expects section.field=value"),
+        (["items.suffix_tokens=8"], {}, "min_suffix_tokens (16) must not exceed suffix_tokens (8)"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_field(overrides: list[str], env: dict, needle: str) -> None:

@@ -1,0 +1,69 @@
+"""Following a topic from the outside: exact record counts and end offsets, without joining a group.
+
+Why not `get_watermark_offsets`: the embedded Tansu broker reports wrong high watermarks (one per
+produce batch rather than per record, seen on the memory and s3 engines), so exact progress is read by
+consuming. A `TopicTail` keeps its consumer and reads only what is new on each `poll()`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+
+class TopicTail:
+    """Reads a topic from the start with assign(), incrementally; tracks counts and end offsets."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, on_record: Callable[[dict], None] | None = None) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.topic = topic
+        self.partitions = partitions
+        self.on_record = on_record
+        self.count = 0
+        self.next_offsets: dict[int, int] = {}
+        self._consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": f"sipstream-tail-{topic}", "enable.auto.commit": False,
+             "log.connection.close": False}
+        )
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+
+    def poll(self, max_seconds: float = 0.5) -> int:
+        """Consume what is new (up to about `max_seconds`); return how many records were read."""
+        read = 0
+        while True:
+            batch = self._consumer.consume(1000, timeout=min(0.2, max_seconds))
+            batch = [m for m in batch if m.error() is None]
+            if not batch:
+                return read
+            for msg in batch:
+                read += 1
+                self.count += 1
+                self.next_offsets[msg.partition()] = msg.offset() + 1
+                if self.on_record is not None:
+                    try:
+                        self.on_record(json.loads(msg.value()))
+                    except ValueError:
+                        pass  # not JSON: counted, not interpreted
+
+    def committed_by(self, bootstrap: str, group: str) -> bool:
+        """True when `group` has committed every record read so far (a stage has caught up)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                          "log.connection.close": False})
+        try:
+            committed = probe.committed([TopicPartition(self.topic, p) for p in self.next_offsets], timeout=10)
+            return all(tp.offset >= self.next_offsets[tp.partition] for tp in committed)
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> TopicTail:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

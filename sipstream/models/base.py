@@ -1,0 +1,148 @@
+"""What a stage needs from a model, whatever serves it.
+
+Every backend (``hf``, ``vllm``, ``openai``) implements :class:`TextModel`. The contract that makes
+rollouts reproducible: output ``i`` of :meth:`TextModel.generate` depends only on ``prompts[i]`` and
+``seeds[i]`` (and the weights), never on what else shares the batch, so a batch of 8 equals 8 calls
+of one. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+class ModelError(Exception):
+    """Base class for errors of the model layer."""
+
+
+class ModelNotAvailableError(ModelError):
+    """A model (or the package shipping it) is missing; the message says how to get it."""
+
+
+class WeightsMismatchError(ModelError):
+    """New weights were refused (wrong sha256 or shapes); the model keeps its current weights."""
+
+
+class TokenizerUnavailableError(ModelError):
+    """The backend has no local tokenizer (an ``openai`` model without ``tokenizer`` set)."""
+
+
+class BackendRequestError(ModelError):
+    """A remote model server failed or kept failing after retries."""
+
+
+@runtime_checkable
+class TextModel(Protocol):
+    """The small protocol the stages use: sample, score, count tokens, reload weights."""
+
+    #: Bumped by every successful :meth:`load_weights`; rollouts are tagged with it.
+    weights_version: str | None
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        seeds: list[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Sample one continuation per prompt. ``temperature=0`` is greedy. Output ``i`` depends
+        only on ``prompts[i]`` and ``seeds[i]``; generation stops early at end-of-sequence."""
+        ...
+
+    def logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        """Sum of the log-probabilities of ``continuations[i]``'s tokens given ``prompts[i]``."""
+        ...
+
+    def next_token_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]:
+        """For each prompt, the log-probability of each option's first distinguishing token: the
+        tokens all options share (Gemma writes " 1" and " 2" as "▁" + digit) are appended to the
+        prompt, and the next token is read (``-inf`` when a remote server does not report it). One
+        forward pass per prompt: this is how the logit-scored judge reads P(YES) or P("1")."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        ...
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids``, special tokens dropped."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens in ``text`` (without special tokens)."""
+        ...
+
+    def load_weights(self, path_or_uri: str, sha256: str, version: str | None = None) -> None:
+        """Replace the weights in place from a safetensors file (local path or fsspec URI) after
+        checking its sha256; on any mismatch raise :class:`WeightsMismatchError` and keep the
+        current weights."""
+        ...
+
+
+def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
+    """Hex sha256 of a local file, read in blocks so multi-GB checkpoints do not sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_weights_file(path_or_uri: str, sha256: str, scratch_dir: str | Path | None = None) -> Path:
+    """Return a local path to the weights named by ``path_or_uri`` whose sha256 matches.
+
+    Local paths and ``file://`` are used in place; any other fsspec URI (``s3://`` ...) is copied
+    into ``scratch_dir`` first. The check happens before any tensor is read, so a truncated or
+    tampered file never reaches the model.
+    """
+    if "://" in path_or_uri and not path_or_uri.startswith("file://"):
+        import tempfile
+
+        import fsspec
+
+        target_dir = Path(scratch_dir or tempfile.mkdtemp(prefix="sipstream-weights-"))
+        target_dir.mkdir(parents=True, exist_ok=True)
+        local_path = target_dir / f"{sha256[:16]}.safetensors"
+        if not local_path.exists():
+            with fsspec.open(path_or_uri, "rb") as source, open(local_path, "wb") as target:
+                while block := source.read(1 << 20):
+                    target.write(block)
+    else:
+        local_path = Path(path_or_uri.removeprefix("file://"))
+    if not local_path.is_file():
+        raise WeightsMismatchError(f"weights file not found: {path_or_uri}")
+    actual_sha256 = sha256_file(local_path)
+    if actual_sha256 != sha256:
+        raise WeightsMismatchError(
+            f"refusing weights {path_or_uri}: sha256 is {actual_sha256}, the announcement says {sha256}"
+        )
+    return local_path
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from an item's seed and labels (criterion, candidate, sample index).
+
+    Python's ``hash`` is salted per process, so it cannot make a replay reproduce a rollout.
+    """
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def distinguishing_tokens(option_token_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(shared, firsts): the token ids every option starts with, and each option's next token.
+
+    Raises ValueError when an option has no token after the shared ones (options that are equal,
+    or one a token-prefix of another), since their probabilities could not be told apart."""
+    if not option_token_ids or any(not ids for ids in option_token_ids):
+        raise ValueError("every option must encode to at least one token")
+    shared: list[int] = []
+    for column in zip(*option_token_ids):
+        if len(set(column)) > 1:
+            break
+        shared.append(column[0])
+    if any(len(ids) <= len(shared) for ids in option_token_ids):
+        raise ValueError("options must differ after their shared tokens")
+    return shared, [ids[len(shared)] for ids in option_token_ids]

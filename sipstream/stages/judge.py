@@ -1,0 +1,52 @@
+"""The judge stage: score every candidate (original, rewrite, each rollout) of an item.
+
+Quality is pairwise over every pair of candidates, asked in both orders; safety and factuality are
+pointwise (factuality against the original suffix). Items of a batch are judged in one batched model
+call per criterion.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sipstream.bus import topics as T
+from sipstream.bus.runner import Item, Stage
+from sipstream.config import Config
+from sipstream.stages.assemble import candidate_texts
+
+
+class JudgeStage(Stage):
+    name = "judge"
+    input_topic = T.ROLLOUTS
+    output_topic = T.JUDGED
+
+    def __init__(self, judge) -> None:  # noqa: ANN001 - models.Judge
+        self.judge = judge
+        self.counters: Counter[str] = Counter()
+
+    def process_batch(self, items: list[Item]) -> list[list[Item]]:
+        from sipstream.models import JudgeRequest
+
+        keyed = [candidate_texts(item) for item in items]
+        requests = [
+            JudgeRequest(item["prefix"], item["suffix"], tuple(texts.values()), item["seed"])
+            for item, texts in zip(items, keyed, strict=True)
+        ]
+        out = []
+        for item, texts, result in zip(items, keyed, self.judge.score_many(requests), strict=True):
+            self.counters["pairwise_calls"] += result.pairwise_calls
+            self.counters["pointwise_calls"] += result.pointwise_calls
+            scores = [
+                {"kind": kind, "index": index, "quality": s.quality, "safety": s.safety,
+                 "factuality": s.factuality, "total": s.total}
+                for (kind, index), s in zip(texts, result.scores, strict=True)
+            ]
+            out.append([{**item, "scores": scores}])
+        return out
+
+
+def build(cfg: Config) -> JudgeStage:
+    from sipstream.models import Judge
+    from sipstream.stages.models import shared_model
+
+    return JudgeStage(Judge(shared_model(cfg.models.judge), cfg.judge))
