@@ -174,6 +174,33 @@ def ingest(
     typer.echo(f"ingested {report.ingested} documents in {report.seconds:.1f}s; rejected: {rejected}")
 
 
+@app.command()
+def learner(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+    algo: Annotated[
+        Optional[str], typer.Option(help="dpo (online DPO), nll (reward-filtered NLL) or pretrain (next-token baseline).",
+                                    show_default=False)
+    ] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.", show_default=False)] = None,
+    idle_timeout: Annotated[
+        Optional[float], typer.Option(help="Stop when no pairs arrived for this many seconds.", show_default=False)
+    ] = None,
+    instance_id: Annotated[Optional[str], typer.Option(help="Stable learner id.", show_default=False)] = None,
+) -> None:
+    """Train the policy from sip.pairs and publish weights to sip.weights (resumes from its checkpoint)."""
+    from sipstream.bus.embedded import resolve_bootstrap
+    from sipstream.learner import run_learner
+
+    overrides = list(sets or [])
+    for key, value in (("algo", algo), ("max_steps", max_steps), ("idle_timeout_s", idle_timeout)):
+        if value is not None:
+            overrides.append(f"learner.{key}={value}")
+    cfg = _config(config, overrides, bootstrap_servers)
+    run_learner(cfg, resolve_bootstrap(cfg), instance_id=instance_id)
+
+
 @app.command("config")
 def show_config(
     config: ConfigOpt = None,

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sipstream.errors import ConfigError
+from sipstream.learner.config import LearnerConfig
 from sipstream.models.config import JudgeSpec, ModelsConfig, RewriterSpec
 
 ENV_PREFIX = "SIPSTREAM_"
@@ -120,15 +121,6 @@ class PairsConfig(StrictModel):
     """DPO pair only when chosen's total beats rejected's by more than this (0: any non-tie; the paper has none)."""
     nll_min_total: float | None = None
     """Reward-filtered NLL trains on the best candidate only when its total reaches this (unset: always)."""
-
-
-class LearnerConfig(StrictModel):
-    algo: Literal["dpo", "nll", "pretrain"] = "dpo"
-    """Online DPO, reward-filtered NLL, or the plain next-token baseline."""
-    sync_every: int = Field(1, ge=1)
-    """Publish weights every this many optimizer steps (1 = fully online; the semi-online knob)."""
-    max_policy_lag: int = Field(4, ge=0)
-    """Drop pairs whose rollouts came from a policy this many versions older than the learner's."""
 
 
 class EchoStageConfig(StrictModel):

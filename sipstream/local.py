@@ -45,6 +45,7 @@ class LocalRunResult:
     completed: int = 0
     deadlettered: int = 0
     chosen_by_kind: dict[str, int] = field(default_factory=dict)
+    policy_versions: list[int] = field(default_factory=list)
     restarts: dict[str, int] = field(default_factory=dict)
     exit_codes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -122,13 +123,17 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         T.create_topics(cfg.bus, bootstrap, specs)
         print(f"run directory {run_dir}; broker {bootstrap}", flush=True)
 
-        # Workers get the resolved config, so --set and env overrides reach them too.
+        # Children get the resolved config, so --set and env overrides reach them too; the learner's
+        # checkpoints and weights land in this run's directory.
         cfg_file = run_dir / "config.yaml"
-        cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        child_cfg = cfg.model_dump(mode="json") | {"run_dir": str(run_dir)}
+        cfg_file.write_text(yaml.safe_dump(child_cfg, sort_keys=False))
+        common = ["--config", str(cfg_file), "--bootstrap-servers", bootstrap]
         for stage in PIPELINE:
-            argv = [sys.executable, "-m", "sipstream", "worker", stage, "--config", str(cfg_file),
-                    "--bootstrap-servers", bootstrap, "--instance-id", f"{stage}-local"]
+            argv = [sys.executable, "-m", "sipstream", "worker", stage, *common, "--instance-id", f"{stage}-local"]
             children.append(Child(stage, argv, run_dir / "logs"))
+        learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs")
+        children.append(learner)
         for child in children:
             child.start()
 
@@ -138,9 +143,14 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         def on_pair(pair: dict) -> None:
             chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
 
-        for topic in (*STATUS_TOPICS, T.DEADLETTER):
+        def on_weights(announcement: dict) -> None:
+            if announcement.get("run_name") == cfg.run_name:
+                result.policy_versions.append(announcement["version"])
+
+        callbacks = {FINAL_TOPIC: on_pair, T.WEIGHTS: on_weights}
+        for topic in (*STATUS_TOPICS, T.DEADLETTER, T.WEIGHTS):
             tails[topic] = TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions,
-                                     on_record=on_pair if topic == FINAL_TOPIC else None)
+                                     on_record=callbacks.get(topic))
         deadline = time.monotonic() + cfg.local.timeout_s
         interactive = sys.stdout.isatty()
         last_line = ""
@@ -156,7 +166,8 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             result.completed = tails[FINAL_TOPIC].count
             result.deadlettered = tails[T.DEADLETTER].count
             line = "  ".join(f"{t.removeprefix('sip.')} {tails[t].count}" for t in STATUS_TOPICS)
-            line += f"  deadletter {result.deadlettered}  chosen {dict(chosen)}"
+            line += f"  deadletter {result.deadlettered}  policy v{max(result.policy_versions, default=0)}"
+            line += f"  chosen {dict(chosen)}"
             if line != last_line:
                 print(("\r" + line[:200]) if interactive else line, end="" if interactive else "\n", flush=True)
                 last_line = line
@@ -179,12 +190,17 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             time.sleep(1.0)
         if interactive:
             print(flush=True)
-    finally:
-        for tail in tails.values():
-            tail.close()
+        # The pipeline is done: stop its workers, then the learner, which publishes its last weights.
         for child in children:
             result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
+        tails[T.WEIGHTS].poll(2.0)
+    finally:
+        for child in children:
+            if child.name not in result.exit_codes:
+                result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
             result.restarts[child.name] = child.restarts
+        for tail in tails.values():
+            tail.close()
         if broker is not None:
             broker.stop()
         result.chosen_by_kind = dict(chosen)
@@ -193,7 +209,8 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
     log.info("run finished", **{k: v for k, v in asdict(result).items() if k != "run_dir"})
     print(
         f"done: {result.ingested} documents → {result.items} items; {result.completed} reached {FINAL_TOPIC}, "
-        f"{result.deadlettered} dead-lettered, {result.seconds:.1f}s (summary in {run_dir}/summary.json)",
+        f"{result.deadlettered} dead-lettered; policy versions published: {len(result.policy_versions)}; "
+        f"{result.seconds:.1f}s (summary in {run_dir}/summary.json)",
         flush=True,
     )
     return result

@@ -13,6 +13,7 @@ import pytest
 from sipstream.config import project_root
 
 STAGES = {"split", "rewrite", "rollout", "judge", "assemble"}
+CHILDREN = STAGES | {"learner"}
 
 
 @pytest.mark.slow
@@ -30,8 +31,12 @@ def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path: Path) -> N
 
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["exit_codes"] == {s: 0 for s in STAGES} and summary["restarts"] == {s: 0 for s in STAGES}
+    assert summary["exit_codes"] == {s: 0 for s in CHILDREN} and summary["restarts"] == {s: 0 for s in CHILDREN}
     assert sum(summary["chosen_by_kind"].values()) == 12
+    # The learner trained on the pairs and published policy updates (12 pairs, 4 per step in smoke.yaml).
+    assert summary["policy_versions"] and summary["policy_versions"] == sorted(summary["policy_versions"])
+    weights = list((run_dir / "smoke" / "weights").rglob("*.safetensors"))
+    assert len(weights) == len(summary["policy_versions"])
     for stage in STAGES:  # each worker logged to its own file and stopped gracefully
         events = [json.loads(line) for line in (run_dir / "logs" / f"{stage}.log").read_text().splitlines()
                   if line.startswith("{")]
