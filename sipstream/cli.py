@@ -113,7 +113,7 @@ def topics_describe(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_ser
 
 @app.command()
 def worker(
-    stage: Annotated[str, typer.Argument(help="Stage to run: echo (more stages arrive with the pipeline).")],
+    stage: Annotated[str, typer.Argument(help="Stage to run: split, rewrite, rollout, judge, assemble (or echo, a diagnostics copy).")],
     config: ConfigOpt = None,
     sets: SetOpt = None,
     bootstrap_servers: BootstrapOpt = None,
