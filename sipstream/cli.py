@@ -201,6 +201,42 @@ def learner(
     run_learner(cfg, resolve_bootstrap(cfg), instance_id=instance_id)
 
 
+@app.command("judge-eval")
+def judge_eval(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    criteria: Annotated[
+        Optional[list[str]], typer.Option("--criterion", help="safety, quality, factuality (repeatable; default all).",
+                                          show_default=False)
+    ] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many items per criterion.", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the figures as JSON here.", show_default=False)] = None,
+) -> None:
+    """Measure the configured judge on labelled sets built from package-shipped public data."""
+    import json
+
+    from sipstream.models import Judge
+    from sipstream.models.judge_eval import run_judge_eval
+    from sipstream.stages.models import shared_model
+
+    cfg = _config(config, sets)
+    chosen = tuple(criteria or ("safety", "quality", "factuality"))
+    bad = set(chosen) - {"safety", "quality", "factuality"}
+    if bad:
+        raise UserError(f"unknown criterion {sorted(bad)}; choose from safety, quality, factuality")
+    judge = Judge(shared_model(cfg.models.judge), cfg.judge)
+    report = run_judge_eval(judge, chosen, limit=limit, seed=cfg.seed, progress=lambda m: typer.echo(m, err=True))
+    figures = report.as_dict()
+    typer.echo(f"judge {cfg.models.judge.source} ({cfg.judge.mode} mode), {figures['seconds']:.0f}s:")
+    for name in ("safety_auc", "quality_accuracy", "factuality_auc"):
+        if figures[name] is not None:
+            typer.echo(f"  {name:18s} {figures[name]:.3f}")
+    for kind, acc in figures["quality_accuracy_by_spoil"].items():
+        typer.echo(f"    quality vs {kind:10s} {acc:.3f}")
+    if output is not None:
+        output.write_text(json.dumps(figures, indent=2))
+
+
 @app.command("config")
 def show_config(
     config: ConfigOpt = None,

@@ -183,6 +183,10 @@ class RewriterSpec(BaseModel):
     """Ask the judge for safety first and leave suffixes judged safe unchanged (the paper's rewriter
     copies safe suffixes); False also tries to improve safe but low-quality suffixes."""
 
+    max_copy_overlap: float = Field(default=0.5, gt=0, le=1)
+    """A sampled rewrite sharing this share or more of the original's word trigrams is a
+    near-copy and is discarded (small rewriters often return the unsafe text barely changed)."""
+
     min_gain: float = Field(default=0.0, ge=0)
     """A rewrite is kept only if its judged total exceeds the original's by more than this."""
 

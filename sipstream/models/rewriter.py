@@ -48,6 +48,23 @@ class RewriteResult:
     flags: dict[str, float] = field(default_factory=dict)
 
 
+def copy_overlap(original: str, candidate: str) -> float:
+    """Share of the original's word trigrams that reappear in the candidate (1.0 = a copy).
+
+    Small rewriters often hand back the unsafe text with a word changed; judged by a noisy small
+    judge, such a near-copy can land just above the safety threshold and win. Measuring the overlap
+    lets the rewriter refuse near-copies outright."""
+    def trigrams(text: str) -> set[tuple[str, ...]]:
+        words = text.lower().split()
+        size = 3 if len(words) >= 3 else 1
+        return {tuple(words[index:index + size]) for index in range(len(words) - size + 1)}
+
+    original_trigrams = trigrams(original)
+    if not original_trigrams:
+        return 0.0
+    return len(original_trigrams & trigrams(candidate)) / len(original_trigrams)
+
+
 def clean_rewrite(text: str) -> str:
     """Cut a sampled rewrite where it starts a new prompt section."""
     for marker in _STOP_MARKERS:
@@ -121,7 +138,8 @@ class Rewriter:
             for position, index in enumerate(indices):
                 samples[index] = texts[position * count:(position + 1) * count]
 
-        # Keep distinct, non-empty rewrites that differ from the original: a copy is "no rewrite".
+        # Keep distinct, non-empty rewrites that are not (near-)copies of the original: a copy is
+        # "no rewrite".
         judge_requests: list[JudgeRequest] = []
         judged_indices: list[int] = []
         distinct_rewrites: dict[int, list[str]] = {}
@@ -130,11 +148,12 @@ class Rewriter:
             kept: list[str] = []
             for text in samples[index]:
                 text = clean_rewrite(text)
-                if text.strip() and text.strip() != request.suffix.strip() and text not in kept:
+                if (text.strip() and text not in kept
+                        and copy_overlap(request.suffix, text) < self.spec.max_copy_overlap):
                     kept.append(text)
             if not kept:
                 results[index] = RewriteResult(
-                    None, f"no usable rewrite: all {count} samples were empty or copies of the original",
+                    None, f"no usable rewrite: all {count} samples were empty or (near-)copies of the original",
                     candidates_tried=count,
                 )
                 continue

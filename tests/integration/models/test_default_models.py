@@ -6,6 +6,7 @@ models are cached in the default cache dir, so only the first run pays the conve
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_default_policy_samples_reproducible_fluent_text(policy):
         words = text.split()
         assert len(words) >= 8
         # Fluent English: mostly alphabetic words, not byte soup.
-        assert sum(word.strip(".,;:!?\"'").isalpha() for word in words) / len(words) > 0.7
+        assert sum(bool(re.search(r"[A-Za-z]{2,}", word)) for word in words) / len(words) > 0.7
 
 
 @needs_smollm2

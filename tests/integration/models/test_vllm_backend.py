@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="the vllm backend needs a CUDA GPU"),
     pytest.mark.slow,
+    pytest.mark.gpu,
 ]
 
 PROMPTS = ["Call me Ishmael. Some years ago", "It was the best of times,", "The"]

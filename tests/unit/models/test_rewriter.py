@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sipstream.models.config import JudgeSpec, RewriterSpec
 from sipstream.models.judge import Judge
-from sipstream.models.rewriter import Rewriter, RewriteRequest, clean_rewrite
+from sipstream.models.rewriter import Rewriter, RewriteRequest, clean_rewrite, copy_overlap
 
 PREFIX = "The old sailor leaned over the rail and told the boy how to"
 SUFFIX = " tie a bowline knot that would hold in any storm."
@@ -73,3 +73,13 @@ def test_batched_rewrites_equal_one_by_one(tiny_model):
     alone = [rewriter.rewrite_many([request])[0] for request in requests]
     assert [result.rewrite for result in together] == [result.rewrite for result in alone]
     assert [result.why for result in together] == [result.why for result in alone]
+
+
+def test_copy_overlap_spots_near_copies():
+    original = " he would smash the skull in and leave him bleeding in the gutter."
+    assert copy_overlap(original, original) == 1.0
+    assert copy_overlap(original, original + "\nThey said:") == 1.0
+    assert copy_overlap(original, " he would smash the skull in and leave him lying in the road.") > 0.5
+    assert copy_overlap(original, " he calmed down and walked home to apologise.") == 0.0
+    assert copy_overlap("", " anything") == 0.0
+
