@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from sipstream import replay_cli
 from sipstream.errors import UserError
 
 app = typer.Typer(
@@ -23,6 +24,9 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Create, list and compare the topics in topics/.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+app.add_typer(replay_cli.app, name="replay")
+app.command("export")(replay_cli.export_command)
+app.command("import")(replay_cli.import_command)
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -93,6 +97,28 @@ def topics_list(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers
     cfg = _config(config, sets, bootstrap_servers)
     for name, partitions in T.list_topics(cfg.bus, resolve_bootstrap(cfg)).items():
         typer.echo(f"{name:20s} {partitions} partition(s)")
+
+
+@topics_app.command("sync")
+def topics_sync(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Make the changes (default: dry run).")] = False,
+) -> None:
+    """Make live topics match topics/: create missing, raise partitions, set retention/configs (never lowers)."""
+    from sipstream.bus import topics as T
+    from sipstream.bus.embedded import resolve_bootstrap
+    from sipstream.bus.sync import sync_topics
+
+    cfg = _config(config, sets, bootstrap_servers)
+    report = sync_topics(cfg.bus, resolve_bootstrap(cfg), T.load_specs(T.topics_dir(cfg.bus)), apply=apply)
+    for line in report.lines():
+        typer.echo(line)
+    if not apply and report.actions:
+        typer.echo("dry run: nothing changed; add --apply")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @topics_app.command("describe")

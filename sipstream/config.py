@@ -79,6 +79,12 @@ class RunnerConfig(StrictModel):
     """Original bytes kept in a dead-letter record; longer values are cut (the source offset still points at them)."""
     max_record_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     """Records larger than this are dead-lettered unread, so one huge record cannot exhaust memory."""
+    health_port: int | None = Field(None, ge=0, le=65535)
+    """Serve /livez, /readyz, /metrics on this port (0: a free one; unset: none). Deployments set 8080."""
+    health_host: str = "127.0.0.1"
+    """Health server interface; loopback by default, 0.0.0.0 in containers (probes reach the pod IP)."""
+    health_stale_after_s: float = Field(900.0, gt=0)
+    """/livez fails when the loop has not turned for this long; must exceed the slowest batch."""
 
 
 class ItemsConfig(StrictModel):

@@ -29,7 +29,9 @@ from sipstream.bus.broker import EmbeddedBroker
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config
 from sipstream.errors import UserError
+from sipstream.export import export_topic
 from sipstream.logs import get_logger
+from sipstream.manifest import pipeline_manifest, topic_positions
 
 # The stages `sipstream run` starts, in pipeline order, and the topic whose records mark an item done.
 PIPELINE: tuple[str, ...] = ("split", "rewrite", "rollout", "judge", "assemble")
@@ -47,6 +49,7 @@ class LocalRunResult:
     chosen_by_kind: dict[str, int] = field(default_factory=dict)
     policy_versions: list[int] = field(default_factory=list)
     restarts: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     exit_codes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -76,6 +79,18 @@ class Child:
             return " | ".join(self.log_path.read_text(errors="replace").strip().splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def peak_rss_mb(self) -> float | None:
+        """The process's peak resident memory so far (Linux /proc), for the run summary."""
+        if self.proc is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
 
     def stop(self, timeout: float = 60.0) -> int | None:
         if self.proc is None:
@@ -121,6 +136,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             broker = EmbeddedBroker(cfg.bus.embedded)
             bootstrap = broker.start()
         T.create_topics(cfg.bus, bootstrap, specs)
+        begin = topic_positions(bootstrap, cfg.bus, [t for t in T.CORE_TOPICS if t != T.METRICS])
         print(f"run directory {run_dir}; broker {bootstrap}", flush=True)
 
         # Children get the resolved config, so --set and env overrides reach them too; the learner's
@@ -140,8 +156,13 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         result.ingested = produce_documents(cfg.bus, bootstrap, documents).ingested
         print(f"ingested {result.ingested} documents; stages: {' → '.join(PIPELINE)}", flush=True)
 
+        pair_ids: set[str] = set()
+
         def on_pair(pair: dict) -> None:
-            chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
+            # At-least-once: a restarted worker may repeat records; count each item once.
+            if pair["item_id"] not in pair_ids:
+                pair_ids.add(pair["item_id"])
+                chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
 
         def on_weights(announcement: dict) -> None:
             if announcement.get("run_name") == cfg.run_name:
@@ -163,7 +184,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             for tail in tails.values():
                 tail.poll()
             result.items = tails[T.PREFIXES].count
-            result.completed = tails[FINAL_TOPIC].count
+            result.completed = len(pair_ids)
             result.deadlettered = tails[T.DEADLETTER].count
             line = "  ".join(f"{t.removeprefix('sip.')} {tails[t].count}" for t in STATUS_TOPICS)
             line += f"  deadletter {result.deadlettered}  policy v{max(result.policy_versions, default=0)}"
@@ -192,8 +213,17 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             print(flush=True)
         # The pipeline is done: stop its workers, then the learner, which publishes its last weights.
         for child in children:
+            peak = child.peak_rss_mb()
+            if peak is not None:
+                result.peak_rss_mb[child.name] = round(peak, 1)
             result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
         tails[T.WEIGHTS].poll(2.0)
+        # The record of the run: topic ranges + the learner's manifest, for `sipstream replay`.
+        pipeline_manifest(run_dir, cfg, bootstrap, begin)
+        if broker is not None and cfg.bus.embedded.storage.startswith("memory://"):
+            # An in-memory broker forgets everything when it stops: archive what replay needs.
+            for topic in (T.PAIRS, T.WEIGHTS, T.DOCUMENTS):
+                export_topic(topic, run_dir, str(run_dir / "export"))
     finally:
         for child in children:
             if child.name not in result.exit_codes:

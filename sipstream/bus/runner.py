@@ -28,6 +28,7 @@ from sipstream.bus import topics as T
 from sipstream.bus.client import consumer_config, producer_config
 from sipstream.config import Config
 from sipstream.errors import BrokerError, UserError
+from sipstream.health import start_health_server
 from sipstream.logs import get_logger
 
 Item = dict[str, Any]
@@ -127,6 +128,8 @@ class StageRunner:
                 instance_id=self.instance_id if static_membership else None,
             )
         )
+        self.health = start_health_server(cfg.runner.health_port, cfg.runner.health_host, metrics=self.metrics_record,
+                                          stale_after_s=cfg.runner.health_stale_after_s)
         self.control = None
         if stage.control_topics:
             from confluent_kafka import TopicPartition
@@ -170,6 +173,7 @@ class StageRunner:
                     num_messages=self.cfg.runner.batch_size, timeout=self.cfg.runner.batch_timeout_s
                 )
                 self.producer.poll(0)  # serve delivery callbacks of earlier produces
+                self.health.beat()
                 records = []
                 for msg in messages:
                     err = msg.error()
@@ -393,6 +397,7 @@ class StageRunner:
 
     def _shutdown(self) -> None:
         """Flush what is in flight, publish final metrics, leave the group. Runs on every exit path."""
+        self.health.close()
         try:
             self._maybe_publish_metrics(force=True)
             self.producer.flush(10.0)

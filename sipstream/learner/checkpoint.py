@@ -38,6 +38,8 @@ class LearnerState:
     """Item ids trained in this run, oldest first (the dedupe window)."""
     counters: dict[str, float] = field(default_factory=dict)
     config_hash: str = ""
+    log_lines: int = 0
+    """Lines of the consumption log this checkpoint covers; a resume cuts the log back to them."""
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "positions": {str(p): o for p, o in self.positions.items()}}

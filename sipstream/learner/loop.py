@@ -14,7 +14,10 @@ upstream at-least-once delivery are skipped by `item_id`.
 
 A step's composition is a function of the record order the consumer sees; within a partition that
 order is fixed, so a replay of one partition (or of the same interleaving) gives the same weights
-bit for bit on CPU.
+bit for bit on CPU. That interleaving is recorded: every accounted batch appends the (partition,
+offset) of each record it looked at to `<run_dir>/consumption.jsonl` (fsync'd with each checkpoint),
+and `<run_dir>/manifest.json` holds the config, code version, initial-weights hash, seeds and topic
+ranges (`sipstream.learner.record`); `sipstream replay learner` feeds the same sequence back.
 
 Runs as one process, or under torchrun with DDP (see `sipstream.learner.distributed`; the single
 process never touches torch.distributed).
@@ -233,6 +236,10 @@ class StepInput:
     """Next offset per partition after every record looked at (trained or skipped)."""
     counters: Counter[str] = field(default_factory=Counter)
     item_ids: list[str] = field(default_factory=list)
+    records: list[tuple[int, int]] = field(default_factory=list)
+    """(partition, offset) of every record looked at, in delivery order (the consumption log's line)."""
+    trained: list[int] = field(default_factory=list)
+    """Indices into `records` of the records that became examples."""
     end: str | None = None
     """Why collection ended early: `stop` (SIGTERM; the step is discarded) or `idle`."""
 
@@ -267,6 +274,8 @@ class PairReader:
         self.specs = T.load_specs(T.topics_dir(cfg.bus))
         self.topic = cfg.bus.topic(T.PAIRS)
         self.delivery_errors: list[str] = []
+        self.produced: dict[str, dict[int, list[int]]] = {}
+        """{live topic: {partition: [first, last + 1]}} of the acknowledged records (for the manifest)."""
         self.producer = Producer(producer_config(cfg.bus, bootstrap, client_id=instance_id))
         self.consumer = Consumer(
             consumer_config(cfg.bus, bootstrap, group_id=f"{cfg.bus.group_prefix}.learner", client_id=instance_id)
@@ -311,6 +320,9 @@ class PairReader:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.delivery_errors.append(f"{msg.topic()}: {err.str()}")
+            return
+        span = self.produced.setdefault(msg.topic(), {}).setdefault(msg.partition(), [msg.offset(), msg.offset() + 1])
+        span[0], span[1] = min(span[0], msg.offset()), max(span[1], msg.offset() + 1)
 
     def produce(self, topic: str, value: dict[str, Any]) -> None:
         spec = self.specs[topic]
@@ -383,6 +395,7 @@ def consume_step(
         idle_since = time.monotonic()
         for msg in records:
             batch.positions[msg.partition()] = msg.offset() + 1
+            batch.records.append((msg.partition(), msg.offset()))
             batch.counters["consumed"] += 1
             pair = decode_pair(msg.value(), spec)
             if isinstance(pair, tuple):
@@ -407,6 +420,7 @@ def consume_step(
                 batch.counters["skipped_empty"] += 1
                 continue
             batch.counters["policy_lag_sum"] += max(lag, 0)
+            batch.trained.append(len(batch.records) - 1)
             batch.item_ids.append(pair["item_id"])
             batch.examples.append(example)
     return batch
@@ -431,13 +445,23 @@ def run_learner(
     learner: LearnerConfig | None = None,
     instance_id: str | None = None,
     handle_signals: bool = True,
+    pair_reader: Callable[..., PairReader] | None = None,
+    expect_initial_sha256: str | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> LearnerState:
     """Train the policy from `sip.pairs` until `max_steps`, idle timeout or SIGTERM/SIGINT.
 
     `cfg` is the full `sipstream.config.Config` (run_name, run_dir, seed, bus, runner, models.policy);
     `learner` overrides `cfg.learner`. Returns the final state (step, version, counters).
+
+    Replay hooks (`sipstream.replay`): `pair_reader` builds the reader instead of `PairReader` (same
+    arguments); `expect_initial_sha256` refuses to train from other initial weights than the recorded
+    run's; `manifest_extra` is merged into this run's manifest.
     """
     import torch
+
+    from sipstream.learner.record import RunRecord
+    from sipstream.manifest import tensors_sha256, tokenizer_sha256
 
     lcfg = resolve_learner_config(cfg, learner)
     algo = ALGOS[lcfg.algo]
@@ -454,6 +478,12 @@ def run_learner(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     policy = build_policy(cfg.models.policy, lcfg, dist)
+    # The initial weights' hash, before any checkpoint is restored: what a replay must start from.
+    initial_sha256 = tensors_sha256(unique_state_dict(policy.model)) if dist.is_main else ""
+    if expect_initial_sha256 is not None and initial_sha256 != expect_initial_sha256:
+        raise UserError(f"models.policy.source {cfg.models.policy.source!r} now builds initial weights with sha256 "
+                        f"{initial_sha256[:12]}…, the recorded run started from {expect_initial_sha256[:12]}…; "
+                        "point models.policy.source at the original checkpoint (--set models.policy.source=...)")
     state = LearnerState(config_hash=this_config)
     checkpoint = load_latest(checkpoint_dir)
     if checkpoint is not None:
@@ -475,8 +505,16 @@ def run_learner(
         seen.first_time(item_id)
     counters: Counter[str] = Counter(state.counters)
 
-    reader = PairReader(cfg, bootstrap, state.positions, instance_id, log) if dist.is_main else None
+    reader = (pair_reader or PairReader)(cfg, bootstrap, state.positions, instance_id, log) if dist.is_main else None
     store = WeightStore(weight_root, cfg.run_name, lcfg.weight_store_options) if dist.is_main else None
+    # The consumption log and manifest (rank 0): which records every step trained on, for replay.
+    record = RunRecord(run_dir, cfg, lcfg, bootstrap, state, initial_sha256=initial_sha256,
+                       tokenizer_sha256=tokenizer_sha256(policy.tokenizer.tokenizer),
+                       extra=manifest_extra) if reader is not None else None
+
+    def write_manifest(status: str) -> None:
+        if record is not None and reader is not None:
+            record.write(state, dict(counters), status, reader.topic, reader.produced, cfg.bus)
 
     stop_requested = False
 
@@ -498,6 +536,8 @@ def run_learner(
                                    "created_at": publication.created_at, "algo": lcfg.algo})
         reader.flush("weight announcement")  # sync point: the version counts only once announced
         state.version, state.published_step = publication.version, state.step
+        if record is not None:
+            record.published(publication.version, publication.step, publication.sha256, publication.uri)
         counters["published"] += 1
         log.info("weights published", policy_version=state.version, step=state.step, uri=publication.uri)
 
@@ -505,12 +545,15 @@ def run_learner(
         state.seen_ids = list(seen._ids)
         state.counters = dict(counters)
         refreshed = lcfg.reference_refresh_every is not None and policy.reference is not None
+        if record is not None:
+            record.before_checkpoint(state)  # the log lines this checkpoint covers are on disk first
         path = save_checkpoint(
             checkpoint_dir, state, unique_state_dict(policy.model),
             {"optimizer": policy.optimizer.state_dict(), "scheduler": policy.scheduler.state_dict()},
             unique_state_dict(policy.reference) if refreshed else None, keep=lcfg.keep_checkpoints,
         )
         log.info("checkpoint written", path=str(path), step=state.step)
+        write_manifest("running")
 
     gauges: dict[str, float | None] = {}
     interval_tokens, last_metrics = 0.0, time.monotonic()
@@ -532,6 +575,7 @@ def run_learner(
              weight_store=weight_root, checkpoint_dir=str(checkpoint_dir))
     clean_exit = False
     try:
+        write_manifest("running")
         while lcfg.max_steps is None or state.step < lcfg.max_steps:
             # --- consume: rank 0 reads the step's pairs; every rank gets them (sync point under DDP) ---
             batch = None
@@ -573,6 +617,8 @@ def run_learner(
             for item_id in batch.item_ids:
                 seen.first_time(item_id)
             state.positions.update(batch.positions)
+            if record is not None:
+                record.batch(state.step, batch.records, batch.trained)
             counters.update({k: v for k, v in batch.counters.items() if k != "policy_lag_sum"})
 
             if reader is not None and batch.examples:
@@ -598,7 +644,11 @@ def run_learner(
                 checkpoint_now()
                 reader.commit(state.positions)
                 publish_metrics(force=True)
+                reader.flush("final metrics")  # their offsets belong in the manifest
+                write_manifest("finished")
         finally:
+            if record is not None:
+                record.close()
             if reader is not None:
                 reader.close()
             shutdown(dist)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 COMMANDS = [[], ["broker"], ["worker"], ["topics"], ["topics", "create"], ["topics", "list"],
-            ["topics", "describe"], ["config"], ["run"], ["ingest"], ["learner"]]
+            ["topics", "describe"], ["topics", "sync"], ["config"], ["run"], ["ingest"], ["learner"]]
 
 
 def sipstream(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -38,7 +38,7 @@ def test_config_path_from_env(tmp_path: Path) -> None:
         (["runner.batchsize=3"], {}, "runner.batchsize: unknown field"),
         ([], {"SIPSTREAM_ROLLOUT__TOP_P": "2"}, "rollout.top_p: Input should be less than or equal to 1 [from env SIPSTREAM_ROLLOUT__TOP_P]"),
         (["learner.algo=ppo"], {}, "learner.algo: Input should be 'dpo', 'nll' or 'pretrain'"),
-        (["items.suffix_tokens=4096"], {}, "suffix_tokens (4096) must be smaller than max_context_tokens (2048)"),
+        (["items.suffix_tokens=4096"], {}, "suffix_tokens (4096) must be smaller than max_context_tokens (1024)"),
         (["runner.batch_size"], {}, "--set expects section.field=value"),
         (["items.suffix_tokens=8"], {}, "min_suffix_tokens (16) must not exceed suffix_tokens (8)"),
     ],

@@ -1,0 +1,290 @@
+"""Archive a run's topics to files and put them back on any cluster.
+
+`export_topic` writes the range of one topic that a run recorded in its manifest to an fsspec URI
+(`file://`, `s3://`, a plain path), with the run's manifest and consumption log beside it:
+
+    <uri>/export.json                    what is here: format, topics, ranges, files, record counts
+    <uri>/manifest.json                  the run's manifest (and consumption.jsonl, for a learner run)
+    <uri>/<topic>/partition-<p>.jsonl    one record per line: partition, offset, timestamp, key, value
+    <uri>/<topic>/partition-<p>.parquet  the same columns; key and value as bytes
+
+Values are kept byte for byte: JSONL stores the UTF-8 text of the original bytes under `value` (or
+base64 under `value_b64` when they are not UTF-8); Parquet stores the bytes. Headers are not used by
+sipstream and are not exported.
+
+`import_export` produces the records back in offset order, each to the partition it came from (the
+partition its key was assigned to), on the cluster and topic prefix of the given config. New offsets
+differ in general, so it writes a new run directory holding the manifest and consumption log with
+every offset translated (and the old → new map under `imported`): `sipstream replay learner --run`
+on that directory replays on the new cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from sipstream import manifest as M
+from sipstream.bus import topics as T
+from sipstream.errors import UserError
+from sipstream.learner.consumption import LOG_NAME, read_log
+
+EXPORT_NAME = "export.json"
+Format = Literal["jsonl", "parquet"]
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs, root.rstrip("/")
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as file:
+        return json.loads(file.read())
+
+
+def _write_bytes(fs: Any, path: str, data: bytes) -> None:
+    with fs.open(path, "wb") as file:
+        file.write(data)
+
+
+def _rows(messages: list[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for msg in messages:
+        _, timestamp = msg.timestamp()
+        rows.append({"partition": msg.partition(), "offset": msg.offset(), "timestamp": timestamp,
+                     "key": msg.key(), "value": msg.value()})
+    return rows
+
+
+def _encode_jsonl(rows: list[dict[str, Any]]) -> bytes:
+    lines = []
+    for row in rows:
+        out = {"partition": row["partition"], "offset": row["offset"], "timestamp": row["timestamp"]}
+        for field in ("key", "value"):
+            raw = row[field]
+            try:
+                out[field] = None if raw is None else raw.decode("utf-8")
+            except UnicodeDecodeError:
+                out[field] = None
+                out[f"{field}_b64"] = base64.b64encode(raw).decode("ascii")
+        lines.append(json.dumps(out, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+
+
+def _decode_jsonl(data: bytes) -> list[dict[str, Any]]:
+    rows = []
+    for line in data.decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for field in ("key", "value"):
+            b64 = row.pop(f"{field}_b64", None)
+            text = row.get(field)
+            row[field] = base64.b64decode(b64) if b64 is not None else (None if text is None else text.encode("utf-8"))
+        rows.append(row)
+    return rows
+
+
+def _encode_parquet(rows: list[dict[str, Any]]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "partition": pa.array([r["partition"] for r in rows], pa.int32()),
+        "offset": pa.array([r["offset"] for r in rows], pa.int64()),
+        "timestamp": pa.array([r["timestamp"] for r in rows], pa.int64()),
+        "key": pa.array([r["key"] for r in rows], pa.binary()),
+        "value": pa.array([r["value"] for r in rows], pa.binary()),
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _decode_parquet(data: bytes) -> list[dict[str, Any]]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl", bootstrap: str | None = None,
+                 bus: Any = None) -> dict[str, Any]:
+    """Write `topic`'s recorded range of run `run` under `to`; returns the export's entry for the topic."""
+    from sipstream.replay import RecordFetcher, recorded_config
+
+    if fmt not in ("jsonl", "parquet"):
+        raise UserError(f"--format must be jsonl or parquet, not {fmt!r}")
+    run_dir, data = M.load_manifest(run)
+    if topic not in data.get("topics", {}) and data.get("learner_run"):
+        run_dir, data = M.learner_manifest(run_dir, data)  # e.g. sip.weights of a pipeline's learner
+    entry = data.get("topics", {}).get(topic)
+    if entry is None:
+        raise UserError(f"run {run_dir} recorded no range of {topic}; it has: {', '.join(sorted(data.get('topics', {})))}")
+    bus = bus or recorded_config(data, run_dir).bus
+    bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
+    fs, root = _fs(to)
+    fs.makedirs(f"{root}/{topic}", exist_ok=True)
+    fetcher = RecordFetcher(bus, bootstrap, entry["live_name"])
+    files, count = [], 0
+    try:
+        for partition, (start, end) in sorted(entry["partitions"].items(), key=lambda kv: int(kv[0])):
+            rows = _rows(fetcher.read_range(int(partition), start, end))
+            name = f"{topic}/partition-{int(partition)}.{fmt}"
+            _write_bytes(fs, f"{root}/{name}", _encode_jsonl(rows) if fmt == "jsonl" else _encode_parquet(rows))
+            files.append(name)
+            count += len(rows)
+    finally:
+        fetcher.close()
+
+    # The run's own record travels with the data, so an import can rebuild a replayable run; a
+    # pipeline run's learner (manifest and consumption log) goes to learner/.
+    _write_bytes(fs, f"{root}/{M.MANIFEST_NAME}", json.dumps(data, indent=1).encode())
+    learner_dir = run_dir if data.get("kind") == "learner" else (
+        run_dir / data["learner_run"] if data.get("learner_run") else None)
+    if learner_dir is not None and (learner_dir / M.MANIFEST_NAME).is_file():
+        sub = "" if learner_dir == run_dir else "learner/"
+        if sub:
+            fs.makedirs(f"{root}/learner", exist_ok=True)
+            _write_bytes(fs, f"{root}/{sub}{M.MANIFEST_NAME}", (learner_dir / M.MANIFEST_NAME).read_bytes())
+        log_path = learner_dir / LOG_NAME
+        if log_path.is_file():
+            _write_bytes(fs, f"{root}/{sub}{LOG_NAME}", log_path.read_bytes())
+    index = _read_json(fs, f"{root}/{EXPORT_NAME}") or {"format": M.FORMAT, "run_name": data["run_name"], "topics": {}}
+    index["topics"][topic] = {"format": fmt, "live_name": entry["live_name"], "partitions": entry["partitions"],
+                              "records": count, "files": files, "exported_at": M.now()}
+    _write_bytes(fs, f"{root}/{EXPORT_NAME}", json.dumps(index, indent=1).encode())
+    return index["topics"][topic]
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _translate(offset_map: dict[int, dict[int, int]], topic: str, partition: int, offset: int) -> int:
+    try:
+        return offset_map[partition][offset]
+    except KeyError:
+        raise UserError(f"the run recorded {topic} partition {partition} offset {offset}, which is not in the export; "
+                        f"export {topic} again from the original cluster") from None
+
+
+def _segments(mapping: dict[int, int]) -> list[list[int]]:
+    """{old: new} as [old_start, count, new_start] runs (contiguous on both sides)."""
+    out: list[list[int]] = []
+    for old in sorted(mapping):
+        if out and old == out[-1][0] + out[-1][1] and mapping[old] == out[-1][2] + out[-1][1]:
+            out[-1][1] += 1
+        else:
+            out.append([old, 1, mapping[old]])
+    return out
+
+
+def import_export(source: str, cfg: Any, bootstrap: str, *, run_dir: str | Path | None = None) -> Path:
+    """Produce an export's records onto the cluster at `bootstrap` (topics under `cfg.bus.topic_prefix`)
+    and write a replayable run directory with translated offsets; returns that directory."""
+    from confluent_kafka import Producer
+
+    from sipstream.bus.client import producer_config
+
+    fs, root = _fs(source)
+    index = _read_json(fs, f"{root}/{EXPORT_NAME}")
+    if index is None:
+        raise UserError(f"no {EXPORT_NAME} under {source}: pass a directory written by `sipstream export`")
+    data = _read_json(fs, f"{root}/{M.MANIFEST_NAME}")
+    if data is None:
+        raise UserError(f"{source} holds no {M.MANIFEST_NAME}; export again with this sipstream version")
+    specs = T.load_specs(T.topics_dir(cfg.bus))
+    T.create_topics(cfg.bus, bootstrap, {n: specs[n] for n in index["topics"] if n in specs})
+
+    maps: dict[str, dict[int, dict[int, int]]] = {}
+    failures: list[str] = []
+    producer = Producer(producer_config(cfg.bus, bootstrap, client_id="sipstream-import"))
+    for topic, entry in sorted(index["topics"].items()):
+        if topic not in specs:
+            raise UserError(f"{source} holds topic {topic}, which has no spec in topics/")
+        live = cfg.bus.topic(topic)
+        topic_map = maps.setdefault(topic, {})
+        for name in entry["files"]:
+            with fs.open(f"{root}/{name}", "rb") as file:
+                raw = file.read()
+            rows = _decode_jsonl(raw) if entry["format"] == "jsonl" else _decode_parquet(raw)
+            for row in sorted(rows, key=lambda r: r["offset"]):
+                partition = row["partition"]
+                if partition >= specs[topic].partitions:
+                    raise UserError(f"{topic} partition {partition} does not exist on the target ({specs[topic].partitions} "
+                                    "partitions); create the topic with at least as many partitions as the original")
+
+                def delivered(err: Any, msg: Any, old: int = row["offset"], p: int = partition,
+                              into: dict[int, dict[int, int]] = topic_map) -> None:
+                    if err is not None:
+                        failures.append(f"{msg.topic()}[{p}]@{old}: {err.str()}")
+                    else:
+                        into.setdefault(p, {})[old] = msg.offset()
+
+                # The original partition, explicitly: the same key lands where it was, whatever the
+                # target cluster's default partitioner is.
+                producer.produce(live, value=row["value"], key=row["key"], partition=partition,
+                                 timestamp=row.get("timestamp") or 0, on_delivery=delivered)
+                producer.poll(0)
+    remaining = producer.flush(60)
+    if remaining or failures:
+        raise UserError(f"import into {bootstrap}: {remaining} record(s) unacknowledged, failures: {failures[:3]}")
+
+    # A replayable run on the new cluster: the manifest and consumption log, offsets translated.
+    from sipstream.replay import stamp
+
+    out = Path(run_dir) if run_dir else Path(cfg.run_dir) / f"{data['run_name']}-import-{stamp()}"
+    imported = {"from": source, "at": M.now(), "original_bus": data.get("bus"),
+                "offset_map": {t: {str(p): _segments(m) for p, m in sorted(pm.items())} for t, pm in maps.items()}}
+    _restore_run(fs, root, "", data, out, maps, cfg, bootstrap, imported)
+    learner = _read_json(fs, f"{root}/learner/{M.MANIFEST_NAME}")
+    if learner is not None:  # a pipeline run's learner, beside it as in the original
+        _restore_run(fs, root, "learner/", learner, out / learner["run_name"], maps, cfg, bootstrap, imported)
+        data["learner_run"] = learner["run_name"]
+        M.write_json(out / M.MANIFEST_NAME, data)
+    return out
+
+
+def _restore_run(fs: Any, root: str, sub: str, data: dict[str, Any], out: Path, maps: dict[str, dict[int, dict[int, int]]],
+                 cfg: Any, bootstrap: str, imported: dict[str, Any]) -> None:
+    """Write `data` (a run manifest) and its consumption log under `out`, every offset translated."""
+    out.mkdir(parents=True, exist_ok=True)
+    for topic, entry in data.get("topics", {}).items():
+        if topic not in maps:
+            entry["not_imported"] = True  # still names the old cluster's range
+            continue
+        entry["live_name"] = cfg.bus.topic(topic)
+        entry["partitions"] = {
+            p: [_translate(maps[topic], topic, int(p), s), _translate(maps[topic], topic, int(p), e - 1) + 1]
+            for p, (s, e) in entry["partitions"].items()}
+    data["bus"] = {"bootstrap_servers": bootstrap, "topic_prefix": cfg.bus.topic_prefix}
+    data["config"]["bus"] = {**data["config"]["bus"], "bootstrap_servers": bootstrap,
+                             "topic_prefix": cfg.bus.topic_prefix, "group_prefix": cfg.bus.group_prefix}
+    data["imported"] = imported
+    if data.get("kind") == "learner" and fs.exists(f"{root}/{sub}{LOG_NAME}"):
+        pairs_map = maps.get(T.PAIRS)
+        if pairs_map is None:
+            raise UserError(f"the export holds a learner run but not {T.PAIRS}; export {T.PAIRS} too")
+        scratch = out / f".{LOG_NAME}.orig"
+        with fs.open(f"{root}/{sub}{LOG_NAME}", "rb") as file:
+            scratch.write_bytes(file.read())
+        entries = read_log(scratch)
+        scratch.unlink()
+        with open(out / LOG_NAME, "w", encoding="utf-8") as file:
+            for e in entries:
+                e["records"] = [[p, _translate(pairs_map, T.PAIRS, p, o)] for p, o in e["records"]]
+                file.write(json.dumps(e, separators=(",", ":")) + "\n")
+    M.write_json(out / M.MANIFEST_NAME, data)

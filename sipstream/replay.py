@@ -1,0 +1,411 @@
+"""Replay: re-run a recorded run from what the bus kept.
+
+`replay_learner` re-consumes exactly the `sip.pairs` records a learner run looked at — in the order of
+its consumption log, each read by (partition, offset) with assign() — from the same initial weights,
+seeds and config, into a new run directory. On CPU the final weights are bit-identical to the
+original's (same sha256) when the algorithm is unchanged.
+
+With `algo` overridden, the new algorithm reads the *same record sequence* in the same order and
+forms its own steps from it: `batch_pairs × grad_accum` usable pairs per step, after its own skip
+rules (DPO skips exact ties, NLL skips pairs under `pairs.nll_min_total`, `pretrain` never treats a
+pair as stale; duplicates and invalid records are skipped by every algorithm). So two algorithms see
+identical data in identical order; their step boundaries differ only where their skips differ, and
+a final short step trains what is left. `max_steps` is lifted: the sequence decides where it ends.
+
+`replay_stage` re-runs one stage over its recorded input range into fresh topics under a new
+`bus.topic_prefix` (`replay-<stamp>.`), leaving the original topics untouched.
+
+Nothing here writes to the original run: a replay gets its own run directory, weight store,
+checkpoints, consumer groups and output topics (`replay-<stamp>.<prefix>sip.weights`, ...).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sipstream import manifest as M
+from sipstream.bus import topics as T
+from sipstream.errors import UserError
+from sipstream.logs import get_logger
+
+# --------------------------------------------------------------------------- reading recorded records
+
+
+def retention_error(topic: str, partition: int, wanted: int, first: int) -> UserError:
+    return UserError(
+        f"{topic} partition {partition}: the run recorded offsets from {wanted}, but the broker's first retained "
+        f"record is now {first} (records {wanted}..{first - 1} were deleted by retention); keep replayable topics "
+        f"forever with retention.ms=-1 (`kafka-configs --alter --entity-type topics --entity-name {topic} "
+        "--add-config retention.ms=-1`, as topics/*.yaml set it), or archive runs with `sipstream export` and "
+        "replay them from `sipstream import`")
+
+
+class RecordFetcher:
+    """Reads records of one topic by (partition, offset), one assign()ed consumer per partition.
+
+    Offsets are asked for in increasing order per partition (a consumption log is: within a
+    partition the learner reads forward); an earlier offset re-seeks. Never relies on watermarks.
+    A partition whose first record read lies *after* the offset asked for has lost that range to
+    retention: a `UserError` says which and what to set."""
+
+    def __init__(self, bus: Any, bootstrap: str, topic: str, timeout_s: float = 30.0, batch: int = 500) -> None:
+        self.bus, self.bootstrap, self.topic = bus, bootstrap, topic
+        self.timeout_s, self.batch = timeout_s, batch
+        self.consumers: dict[int, Any] = {}
+        self.buffers: dict[int, deque[Any]] = {}
+        self.last: dict[int, int] = {}
+        self.fresh: dict[int, bool] = {}  # True until the partition's first record was looked at
+
+    def _open(self, partition: int, offset: int) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from sipstream.bus.client import consumer_config
+
+        if partition in self.consumers:
+            self.consumers.pop(partition).close()
+        conf = consumer_config(self.bus, self.bootstrap, group_id=f"{self.bus.group_prefix}.replay-reader")
+        # An offset below the log start resets to the earliest retained record: that is how a lost
+        # range shows (the first record read is later than the one asked for). Nothing is committed.
+        conf |= {"auto.offset.reset": "earliest", "enable.partition.eof": False}
+        consumer = Consumer(conf)
+        consumer.assign([TopicPartition(self.topic, partition, offset)])
+        self.consumers[partition] = consumer
+        self.buffers[partition] = deque()
+        self.fresh[partition] = True
+
+    def _fill(self, partition: int) -> bool:
+        from confluent_kafka import KafkaError, KafkaException
+
+        got = False
+        for msg in self.consumers[partition].consume(self.batch, timeout=0.5):
+            err = msg.error()
+            if err is None:
+                self.buffers[partition].append(msg)
+                got = True
+            elif err.code() == KafkaError._PARTITION_EOF:
+                continue
+            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise UserError(f"topic {self.topic} does not exist on {self.bootstrap}; replay from the cluster that "
+                                "holds the run, or put an export back first with `sipstream import`")
+            elif err.fatal() or not err.retriable():
+                raise KafkaException(err)
+        return got
+
+    def get(self, partition: int, offset: int) -> Any:
+        if partition not in self.consumers or offset <= self.last.get(partition, -1):
+            self._open(partition, offset)
+        buffer = self.buffers[partition]
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            while buffer and buffer[0].offset() < offset:
+                buffer.popleft()
+                self.fresh[partition] = False
+            if buffer:
+                msg = buffer.popleft()
+                if msg.offset() > offset:
+                    if self.fresh[partition]:
+                        raise retention_error(self.topic, partition, offset, msg.offset())
+                    raise UserError(f"{self.topic} partition {partition}: the recorded record at offset {offset} is "
+                                    f"gone (the next one is {msg.offset()}; was the topic compacted?); replay from an "
+                                    "export (`sipstream import`)")
+                self.fresh[partition] = False
+                self.last[partition] = offset
+                return msg
+            if not self._fill(partition) and time.monotonic() > deadline:
+                raise UserError(f"{self.topic} partition {partition}: no record at offset {offset} within "
+                                f"{self.timeout_s:.0f}s; the topic ends before the recorded range (was it deleted and "
+                                "recreated?); replay from an export (`sipstream import`)")
+
+    def read_range(self, partition: int, start: int, end: int) -> list[Any]:
+        """Every record of [start, end) (gaps, e.g. from compaction, are allowed after the first record)."""
+        out = []
+        if end <= start:
+            return out
+        self._open(partition, start)
+        first = self.get(partition, start)
+        out.append(first)
+        buffer = self.buffers[partition]
+        deadline = time.monotonic() + self.timeout_s
+        while out[-1].offset() < end - 1:
+            if buffer:
+                msg = buffer.popleft()
+                if msg.offset() >= end:
+                    break
+                out.append(msg)
+                deadline = time.monotonic() + self.timeout_s
+            elif not self._fill(partition) and time.monotonic() > deadline:
+                raise UserError(f"{self.topic} partition {partition}: only {len(out)} records of the recorded range "
+                                f"{start}..{end - 1} arrived within {self.timeout_s:.0f}s; the topic lost records")
+        self.last[partition] = out[-1].offset()
+        return out
+
+    def close(self) -> None:
+        for consumer in self.consumers.values():
+            consumer.close()
+        self.consumers.clear()
+
+
+# --------------------------------------------------------------------------- the learner, replayed
+
+
+def _replay_reader_class() -> type:
+    from sipstream.learner.loop import PairReader
+
+    class ReplayPairReader(PairReader):
+        """A `PairReader` whose records come from a recorded (partition, offset) sequence.
+
+        Produces (weights, metrics, dead letters) go to the replay's own topics; nothing is committed."""
+
+        def __init__(self, cfg: Any, bootstrap: str, positions: dict[int, int], instance_id: str, log: Any, *,
+                     source_topic: str, sequence: Sequence[tuple[int, int]], fetcher: RecordFetcher) -> None:
+            from confluent_kafka import Producer
+
+            from sipstream.bus.client import producer_config
+
+            self.cfg, self.log, self.instance_id = cfg, log, instance_id
+            self.specs = T.load_specs(T.topics_dir(cfg.bus))
+            self.topic = source_topic
+            self.delivery_errors: list[str] = []
+            self.produced: dict[str, dict[int, list[int]]] = {}
+            self.producer = Producer(producer_config(cfg.bus, bootstrap, client_id=instance_id))
+            self.committed: dict[int, int] = {}
+            self.sequence = list(sequence)
+            self.next = 0
+            self.fetcher = fetcher
+
+        def consume(self, count: int, timeout: float) -> list[Any]:
+            taken = self.sequence[self.next:self.next + count]
+            self.next += len(taken)
+            self.producer.poll(0)
+            return [self.fetcher.get(p, o) for p, o in taken]
+
+        def commit(self, positions: dict[int, int]) -> None:
+            """Nothing to commit: a replay never moves the original's consumer group."""
+
+        def close(self) -> None:
+            try:
+                self.producer.flush(10.0)
+            finally:
+                self.fetcher.close()
+
+    return ReplayPairReader
+
+
+def stamp() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.urandom(2).hex()}"
+
+
+def apply_sets(cfg: Any, overrides: Sequence[str]) -> Any:
+    """`section.field=value` strings on top of a config (validated)."""
+    from sipstream.config import _parse_scalar, _set_path, merged
+
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set expects section.field=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), _parse_scalar(raw))
+    return merged(cfg, **tree) if tree else cfg
+
+
+def recorded_config(data: dict[str, Any], where: Path) -> Any:
+    from pydantic import ValidationError
+
+    from sipstream.config import Config
+
+    try:
+        return Config.model_validate(data["config"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"the config recorded in {where} no longer validates ({'.'.join(map(str, first['loc']))}: "
+                        f"{first['msg']}); fix it with --set or replay with the sipstream version that wrote it "
+                        f"({data.get('code', {}).get('git_describe') or data.get('code', {}).get('package')})") from None
+
+
+@dataclass
+class LearnerReplay:
+    run_dir: Path
+    algo: str
+    original_algo: str
+    records: int
+    steps: int
+    final_sha256: str | None
+    original_sha256: str | None
+
+    @property
+    def identical(self) -> bool:
+        return self.final_sha256 is not None and self.final_sha256 == self.original_sha256
+
+
+def replay_learner(run: str | Path, *, bootstrap: str | None = None, algo: str | None = None,
+                   overrides: Sequence[str] = (), out_dir: str | Path | None = None,
+                   handle_signals: bool = True) -> LearnerReplay:
+    """Train again on exactly the records a learner run consumed; returns where and what came out."""
+    from sipstream.learner.consumption import iter_records, read_log
+    from sipstream.learner.loop import run_learner
+
+    run_dir, data = M.learner_manifest(*M.load_manifest(run))
+    log_info = data["learner"]["consumption_log"]
+    entries = read_log(run_dir / log_info["path"])[: log_info["lines"]]
+    sequence = list(iter_records(entries))
+    original_algo = data["learner"]["algo"]
+    cfg = recorded_config(data, run_dir)
+    bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
+    source_topic = data["topics"][T.PAIRS]["live_name"]
+
+    tag = stamp()
+    lcfg = {"checkpoint_dir": None, "weight_store": None, "max_steps": None, "idle_timeout_s": 0.001}
+    if algo is not None and algo != original_algo:
+        lcfg["algo"] = algo
+        if algo != "dpo":  # DPO-only knobs have no meaning for the other losses
+            lcfg |= {"nll_mix": 0.0, "reference_refresh_every": None}
+    from sipstream.config import merged
+
+    replay_cfg = merged(
+        cfg, run_name=f"{cfg.run_name}-replay-{tag}", run_dir=str(Path(out_dir) if out_dir else run_dir.parent),
+        bus={"bootstrap_servers": bootstrap, "topic_prefix": f"replay-{tag}.{cfg.bus.topic_prefix}",
+             "group_prefix": f"{cfg.bus.group_prefix}.replay-{tag}"},
+        learner=lcfg,
+    )
+    replay_cfg = apply_sets(replay_cfg, overrides)
+    same_policy = replay_cfg.models.policy.model_dump(mode="json") == cfg.models.policy.model_dump(mode="json")
+
+    specs = T.load_specs(T.topics_dir(replay_cfg.bus))
+    from sipstream.bus.client import check_reachable
+
+    check_reachable(replay_cfg.bus, bootstrap)
+    # Fail before training when the recorded range is no longer on the broker.
+    probe = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
+    try:
+        for partition, (first, _) in data["topics"][T.PAIRS]["partitions"].items():
+            probe.get(int(partition), first)
+    finally:
+        probe.close()
+    T.create_topics(replay_cfg.bus, bootstrap, {n: specs[n] for n in (T.WEIGHTS, T.METRICS, T.DEADLETTER)})
+
+    reader_class = _replay_reader_class()
+
+    def reader(*args: Any) -> Any:
+        fetcher = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
+        return reader_class(*args, source_topic=source_topic, sequence=sequence, fetcher=fetcher)
+
+    original_sha = (data["learner"].get("final_weights") or {}).get("sha256")
+    get_logger(component="replay").info("replaying learner", run=str(run_dir), records=len(sequence),
+                                        algo=replay_cfg.learner.algo, into=replay_cfg.run_name)
+    extra = {"replay_of": {"run_dir": str(run_dir.resolve()), "run_name": data["run_name"], "algo": original_algo,
+                           "final_sha256": original_sha, "records": len(sequence)}}
+    state = run_learner(replay_cfg, bootstrap, learner=replay_cfg.learner, pair_reader=reader,
+                        handle_signals=handle_signals, manifest_extra=extra,
+                        expect_initial_sha256=data["models"]["policy"]["initial_sha256"] if same_policy else None)
+    new_dir = Path(replay_cfg.run_dir) / replay_cfg.run_name
+    _, new = M.load_manifest(new_dir)
+    return LearnerReplay(run_dir=new_dir, algo=replay_cfg.learner.algo, original_algo=original_algo,
+                         records=len(sequence), steps=state.step,
+                         final_sha256=(new["learner"].get("final_weights") or {}).get("sha256"),
+                         original_sha256=original_sha)
+
+
+# --------------------------------------------------------------------------- one stage, replayed
+
+
+@dataclass
+class StageReplay:
+    stage: str
+    run_dir: Path
+    topic_prefix: str
+    input_records: int
+    output_records: int
+    deadlettered: int
+
+
+def copy_range(fetcher: RecordFetcher, producer: Any, target: str, partitions: dict[str, list[int]]) -> int:
+    """Copy recorded records to `target`, each to its original partition, in offset order."""
+    copied = 0
+    for partition, (start, end) in sorted(partitions.items(), key=lambda kv: int(kv[0])):
+        for msg in fetcher.read_range(int(partition), start, end):
+            producer.produce(target, value=msg.value(), key=msg.key(), partition=msg.partition())
+            producer.poll(0)
+            copied += 1
+    return copied
+
+
+def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, overrides: Sequence[str] = (),
+                 out_dir: str | Path | None = None, timeout_s: float = 3600.0) -> StageReplay:
+    """Run stage `name` again over the input range a run recorded, into topics under a new prefix.
+
+    The recorded input records (and the stage's control topics, e.g. sip.weights for rollout, where
+    the run recorded them) are copied to `replay-<stamp>.<prefix>` topics, the stage processes them
+    there with its own consumer group, and the replay's manifest records the output range. `overrides`
+    (`section.field=value`) change the stage, e.g. another judge model."""
+    from confluent_kafka import Producer
+
+    from sipstream.bus.client import check_reachable, producer_config
+    from sipstream.bus.runner import StageRunner
+    from sipstream.config import merged
+    from sipstream.stages import STAGES, build_stage
+
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; choose one of: {', '.join(sorted(STAGES))}")
+    run_dir, data = M.load_manifest(run)
+    cfg = recorded_config(data, run_dir)
+    bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
+    check_reachable(cfg.bus, bootstrap)
+    tag = stamp()
+    prefix = f"replay-{tag}.{cfg.bus.topic_prefix}"
+    replay_cfg = apply_sets(merged(
+        cfg, run_name=f"{cfg.run_name}-replay-{name}-{tag}", run_dir=str(Path(out_dir) if out_dir else run_dir.parent),
+        bus={"bootstrap_servers": bootstrap, "topic_prefix": prefix, "group_prefix": f"{cfg.bus.group_prefix}.replay-{tag}"},
+    ), overrides)
+    stage = build_stage(name, replay_cfg)
+    recorded = data.get("topics", {})
+    if stage.input_topic not in recorded:
+        raise UserError(f"run {run_dir} recorded no range of {stage.input_topic}, the input of stage {name}; "
+                        "pass the run directory of `sipstream run` (its manifest records every pipeline topic)")
+    specs = T.load_specs(T.topics_dir(replay_cfg.bus))
+    T.create_topics(replay_cfg.bus, bootstrap, specs)
+
+    log = get_logger(component="replay", stage=name)
+    producer = Producer(producer_config(replay_cfg.bus, bootstrap, client_id=f"replay-{name}"))
+    copied: dict[str, int] = {}
+    for topic in (stage.input_topic, *stage.control_topics):
+        if topic not in recorded:
+            continue  # e.g. no weights were published: the stage starts from the initial policy
+        fetcher = RecordFetcher(cfg.bus, bootstrap, recorded[topic]["live_name"])
+        try:
+            copied[topic] = copy_range(fetcher, producer, replay_cfg.bus.topic(topic), recorded[topic]["partitions"])
+        finally:
+            fetcher.close()
+    if producer.flush(60):
+        raise UserError(f"copying the recorded input of stage {name} to {prefix}: records unacknowledged by {bootstrap}")
+    wanted = copied[stage.input_topic]
+    log.info("replaying stage", run=str(run_dir), records=wanted, topic_prefix=prefix)
+
+    deadline = time.monotonic() + timeout_s
+    runner = StageRunner(stage, replay_cfg, bootstrap, instance_id=f"replay-{name}-{tag}", specs=specs)
+    stats = runner.run(until=lambda s: s.counters["consumed"] >= wanted or time.monotonic() > deadline)  # closes the stage
+    if stats.counters["consumed"] < wanted:
+        raise UserError(f"stage {name} processed {stats.counters['consumed']} of {wanted} records within "
+                        f"{timeout_s:.0f}s; its partial output is under topic prefix {prefix}")
+
+    outputs = [t for t in (stage.output_topic, T.DEADLETTER) if t]
+    ranges = M.read_ends(bootstrap, replay_cfg.bus, [*copied, *outputs])
+    new_dir = Path(replay_cfg.run_dir) / replay_cfg.run_name
+    manifest = {
+        "format": M.FORMAT, "kind": "stage-replay", "created_at": M.now(), "run_name": replay_cfg.run_name,
+        "stage": name, "config": replay_cfg.model_dump(mode="json"), "code": M.code_version(),
+        "seeds": {"root": replay_cfg.seed}, "bus": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
+        "topics": {t: M.topic_entry(replay_cfg.bus.topic(t), "consumed" if t in copied else "produced", ranges[t])
+                   for t in ranges},
+        "replay_of": {"run_dir": str(run_dir.resolve()), "run_name": data["run_name"], "overrides": list(overrides)},
+    }
+    M.write_json(new_dir / M.MANIFEST_NAME, manifest)
+    return StageReplay(stage=name, run_dir=new_dir, topic_prefix=prefix, input_records=wanted,
+                       output_records=manifest["topics"].get(stage.output_topic, {}).get("records", 0),
+                       deadlettered=manifest["topics"].get(T.DEADLETTER, {}).get("records", 0))

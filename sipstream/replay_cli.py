@@ -1,0 +1,127 @@
+"""Command line of replay: `sipstream replay learner|stage` (this sub-app) and the `export` / `import`
+commands (functions the main CLI registers). Each parses options and calls one function of
+`sipstream.replay` or `sipstream.export`; user errors are `UserError`s, printed as one line by
+`sipstream.cli.main`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Re-run recorded runs from the topics: the learner, or one stage.", no_args_is_help=True)
+
+RunOpt = Annotated[Path, typer.Option("--run", help="Run directory holding manifest.json (of `sipstream learner` or `sipstream run`).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field of the recorded config, e.g. --set learner.lr=1e-5 (repeatable).",
+                 show_default=False),
+]
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap-servers", "--bootstrap", "-b",
+                 help="Kafka bootstrap servers (default: the ones the run recorded).", show_default=False),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", help="Parent folder of the new run directory (default: next to the original).", show_default=False),
+]
+
+
+def _logging() -> None:
+    from sipstream.config import LoggingConfig
+    from sipstream.logs import configure_logging
+
+    configure_logging(LoggingConfig())
+
+
+@app.command("learner")
+def learner(
+    run: RunOpt,
+    algo: Annotated[
+        str | None, typer.Option(help="Train another algorithm (dpo, nll, pretrain) on the same pairs.", show_default=False)
+    ] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Re-consume exactly the pairs a learner run trained on, from the same initial weights, into a new run.
+
+    With the algorithm unchanged, the final weights must be bit-identical on CPU: exits 1 when they differ.
+    """
+    from sipstream.errors import UserError
+    from sipstream.replay import replay_learner
+
+    if algo is not None and algo not in ("dpo", "nll", "pretrain"):
+        raise UserError(f"--algo must be dpo, nll or pretrain, not {algo!r}")
+    _logging()
+    result = replay_learner(run, bootstrap=bootstrap_servers, algo=algo, overrides=sets or [], out_dir=out)
+    typer.echo(f"replayed {result.records} records in {result.steps} steps ({result.algo}) into {result.run_dir}")
+    typer.echo(f"final weights sha256 {result.final_sha256}")
+    if result.algo == result.original_algo and not sets:
+        if result.identical:
+            typer.echo("identical to the original run")
+        else:
+            typer.echo(f"DIFFERS from the original run ({result.original_sha256})", err=True)
+            raise typer.Exit(1)
+    else:
+        typer.echo(f"original ({result.original_algo}): {result.original_sha256}")
+
+
+@app.command("stage")
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage to re-run: split, rewrite, rollout, judge, assemble (or echo).")],
+    run: RunOpt,
+    bootstrap_servers: BootstrapOpt = None,
+    sets: SetOpt = None,
+    out: OutOpt = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
+) -> None:
+    """Re-run one stage over the input range a run recorded, into new topics (`replay-<stamp>.` prefix)."""
+    from sipstream.replay import replay_stage
+
+    _logging()
+    result = replay_stage(name, run, bootstrap=bootstrap_servers, overrides=sets or [], out_dir=out, timeout_s=timeout)
+    typer.echo(f"stage {name}: {result.input_records} records in → {result.output_records} out, "
+               f"{result.deadlettered} dead-lettered; topics under prefix {result.topic_prefix}; manifest in {result.run_dir}")
+
+
+def export_command(
+    topic: Annotated[str, typer.Argument(help="Topic as specified in topics/, e.g. sip.pairs.")],
+    run: RunOpt,
+    to: Annotated[str, typer.Option("--to", help="Destination folder or fsspec URI (file://, s3://).")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet.")] = "jsonl",
+    bootstrap_servers: BootstrapOpt = None,
+) -> None:
+    """Write the range of TOPIC a run recorded to files (with the run's manifest), for archive or another cluster."""
+    from sipstream.export import export_topic
+
+    _logging()
+    entry = export_topic(topic, run, to, fmt=fmt, bootstrap=bootstrap_servers)  # type: ignore[arg-type]
+    typer.echo(f"exported {entry['records']} records of {topic} to {to} ({len(entry['files'])} file(s), {fmt})")
+
+
+def import_command(
+    source: Annotated[str, typer.Argument(help="Folder or fsspec URI written by `sipstream export`.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config of the target (its bus and topic prefix).",
+                                     show_default=False)
+    ] = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Where to write the replayable run (default: under run_dir).",
+                                     show_default=False)
+    ] = None,
+) -> None:
+    """Put exported records back on a bus and write a run directory whose offsets point at them."""
+    from sipstream.bus.embedded import resolve_bootstrap
+    from sipstream.config import load_config
+    from sipstream.export import import_export
+
+    _logging()
+    cfg = load_config(config, [*(sets or []), *([f"bus.bootstrap_servers={bootstrap_servers}"] if bootstrap_servers else [])])
+    out = import_export(source, cfg, resolve_bootstrap(cfg), run_dir=run_dir)
+    typer.echo(f"imported {source}; replay it with: sipstream replay learner --run {out}")
