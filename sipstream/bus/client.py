@@ -75,6 +75,30 @@ def admin_config(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
     return _base(bus, bootstrap)
 
 
+def usable_messages(messages: list[Any], topic: str, log: Any) -> list[Any]:
+    """The records among consumed messages; errors handled in one place, the confluent-kafka way:
+    end-of-partition is skipped, a missing topic is a user error, fatal or non-retriable errors raise,
+    retriable ones are logged (librdkafka retries them)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from sipstream.errors import UserError
+
+    records = []
+    for msg in messages:
+        err = msg.error()
+        if err is None:
+            records.append(msg)
+        elif err.code() == KafkaError._PARTITION_EOF:
+            continue
+        elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise UserError(f"topic {topic} does not exist; run `sipstream topics create` first")
+        elif err.fatal() or not err.retriable():
+            raise KafkaException(err)
+        else:
+            log.warning("consumer error, retrying", error=err.str())
+    return records
+
+
 def check_reachable(bus: BusConfig, bootstrap: str, timeout: float = 10.0) -> None:
     """Raise a `BrokerError` that says what to do when no broker answers at `bootstrap`."""
     from confluent_kafka import KafkaException

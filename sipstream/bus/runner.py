@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sipstream.bus import topics as T
-from sipstream.bus.client import consumer_config, producer_config
+from sipstream.bus.client import consumer_config, producer_config, usable_messages
 from sipstream.config import Config
 from sipstream.errors import BrokerError, UserError
 from sipstream.health import start_health_server
@@ -159,7 +159,6 @@ class StageRunner:
 
     def run(self, *, max_batches: int | None = None, until: Callable[[RunnerStats], bool] | None = None) -> RunnerStats:
         """Consume, process, produce and commit until `stop()` (or `max_batches`, or `until(stats)`)."""
-        from confluent_kafka import KafkaError, KafkaException
 
         self.consumer.subscribe([self.cfg.bus.topic(self.stage.input_topic)])
         self.log.info("stage started", topic=self.stage.input_topic, output=self.stage.output_topic)
@@ -174,22 +173,7 @@ class StageRunner:
                 )
                 self.producer.poll(0)  # serve delivery callbacks of earlier produces
                 self.health.beat()
-                records = []
-                for msg in messages:
-                    err = msg.error()
-                    if err is None:
-                        records.append(msg)
-                    elif err.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        raise UserError(
-                            f"topic {self.cfg.bus.topic(self.stage.input_topic)} does not exist; "
-                            "run `sipstream topics create` first"
-                        )
-                    elif err.fatal() or not err.retriable():
-                        raise KafkaException(err)
-                    else:
-                        self.log.warning("consumer error, retrying", error=err.str())
+                records = usable_messages(messages, self.cfg.bus.topic(self.stage.input_topic), self.log)
                 if records:
                     self._handle_batch(records)
                     batches += 1

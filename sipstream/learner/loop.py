@@ -298,24 +298,11 @@ class PairReader:
 
     def consume(self, count: int, timeout: float) -> list[Any]:
         """Up to `count` records (never more, so nothing is read ahead of the step that needs it)."""
-        from confluent_kafka import KafkaError, KafkaException
+        from sipstream.bus.client import usable_messages
 
         messages = self.consumer.consume(num_messages=count, timeout=timeout)
         self.producer.poll(0)  # serve delivery callbacks
-        records = []
-        for msg in messages:
-            err = msg.error()
-            if err is None:
-                records.append(msg)
-            elif err.code() == KafkaError._PARTITION_EOF:
-                continue
-            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise UserError(f"topic {self.topic} does not exist; run `sipstream topics create` first")
-            elif err.fatal() or not err.retriable():
-                raise KafkaException(err)
-            else:
-                self.log.warning("consumer error, retrying", error=err.str())
-        return records
+        return usable_messages(messages, self.topic, self.log)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:

@@ -91,6 +91,27 @@ def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_verified_weights(path_or_uri: str, sha256: str, scratch_dir: str | Path | None = None) -> bytes:
+    """The bytes of a weights file whose sha256 matches, read once.
+
+    Reading into memory and hashing those bytes costs one pass over the file instead of two (hash,
+    then load), which halves the reload time of a CPU policy; `safetensors.torch.load` parses them.
+    """
+    if "://" in path_or_uri and not path_or_uri.startswith("file://"):
+        path = fetch_weights_file(path_or_uri, sha256, scratch_dir)  # remote: copied and checked once
+        return path.read_bytes()
+    local_path = Path(path_or_uri.removeprefix("file://"))
+    if not local_path.is_file():
+        raise WeightsMismatchError(f"weights file not found: {path_or_uri}")
+    data = local_path.read_bytes()
+    actual_sha256 = hashlib.sha256(data).hexdigest()
+    if actual_sha256 != sha256:
+        raise WeightsMismatchError(
+            f"refusing weights {path_or_uri}: sha256 is {actual_sha256}, the announcement says {sha256}"
+        )
+    return data
+
+
 def fetch_weights_file(path_or_uri: str, sha256: str, scratch_dir: str | Path | None = None) -> Path:
     """Return a local path to the weights named by ``path_or_uri`` whose sha256 matches.
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sipstream.models.base import WeightsMismatchError, distinguishing_tokens, fetch_weights_file
+from sipstream.models.base import WeightsMismatchError, distinguishing_tokens, read_verified_weights
 from sipstream.models.config import ModelSpec
 from sipstream.models.sources import resolve_source
 
@@ -307,11 +307,10 @@ class HFModel:
 
     def load_weights(self, path_or_uri: str, sha256: str, version: str | None = None) -> None:
         import torch
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        local_path = fetch_weights_file(path_or_uri, sha256)
-        # safetensors only: a pickle from the bus could run code.
-        new_tensors = load_file(str(local_path), device="cpu")
+        # One read: hash the bytes, then parse them (safetensors only: a pickle from the bus could run code).
+        new_tensors = load(read_verified_weights(path_or_uri, sha256))
         current = self.model.state_dict()
         unexpected = sorted(set(new_tensors) - set(current))
         if unexpected:
