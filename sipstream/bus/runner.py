@@ -159,7 +159,6 @@ class StageRunner:
 
     def run(self, *, max_batches: int | None = None, until: Callable[[RunnerStats], bool] | None = None) -> RunnerStats:
         """Consume, process, produce and commit until `stop()` (or `max_batches`, or `until(stats)`)."""
-
         self.consumer.subscribe([self.cfg.bus.topic(self.stage.input_topic)])
         self.log.info("stage started", topic=self.stage.input_topic, output=self.stage.output_topic)
         batches = 0
