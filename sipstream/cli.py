@@ -290,6 +290,12 @@ def run(
     max_documents: Annotated[
         Optional[int], typer.Option(help="Ingest at most this many documents (local.max_documents).", show_default=False)
     ] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option(help="The learner stops after this many optimizer steps.", show_default=False)
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker processes per stage (local.workers_per_stage).", show_default=False)
+    ] = None,
 ) -> None:
     """Run the whole loop on one machine, on the embedded broker unless a cluster is configured.
 
@@ -298,7 +304,11 @@ def run(
     """
     from sipstream.local import run_local
 
-    overrides = list(sets or []) + ([f"local.max_documents={max_documents}"] if max_documents else [])
+    overrides = list(sets or [])
+    for key, value in (("local.max_documents", max_documents), ("learner.max_steps", max_steps),
+                       ("local.workers_per_stage", workers)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
     run_local(_config(config, overrides, bootstrap_servers), sources=source)
 
 

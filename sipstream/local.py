@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ class LocalRunResult:
     ingested: int = 0
     items: int = 0
     completed: int = 0
+    duplicates_removed: int = 0
     deadlettered: int = 0
     chosen_by_kind: dict[str, int] = field(default_factory=dict)
     policy_versions: list[int] = field(default_factory=list)
@@ -104,6 +105,23 @@ class Child:
             return self.proc.wait()
 
 
+def status_line(tails: dict[str, TopicTail], result: LocalRunResult, chosen: Counter[str], rewards: deque[float]) -> str:
+    """items | per stage: items done (backlog waiting for it) | dead letters | policy | reward | curriculum."""
+    parts = [f"items {len(tails[T.PREFIXES].ids)}"]
+    for stage, (src, dst) in {"rewrite": (T.PREFIXES, T.REWRITTEN), "rollout": (T.REWRITTEN, T.ROLLOUTS),
+                              "judge": (T.ROLLOUTS, T.JUDGED), "assemble": (T.JUDGED, T.PAIRS)}.items():
+        done, waiting = len(tails[dst].ids), len(tails[src].ids) - len(tails[dst].ids)
+        parts.append(f"{stage} {done} (lag {waiting})")
+    parts.append(f"dead {result.deadlettered}")
+    parts.append(f"policy v{max(result.policy_versions, default=0)}")
+    if rewards:
+        parts.append(f"chosen reward {sum(rewards) / len(rewards):.2f}")
+    total = sum(chosen.values())
+    if total:
+        parts.append("chosen " + " ".join(f"{k} {n / total:.0%}" for k, n in chosen.most_common()))
+    return " | ".join(parts)
+
+
 def new_run_dir(cfg: Config) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run_dir) / f"{cfg.run_name}-{stamp}-{os.getpid()}"
@@ -146,8 +164,10 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         cfg_file.write_text(yaml.safe_dump(child_cfg, sort_keys=False))
         common = ["--config", str(cfg_file), "--bootstrap-servers", bootstrap]
         for stage in PIPELINE:
-            argv = [sys.executable, "-m", "sipstream", "worker", stage, *common, "--instance-id", f"{stage}-local"]
-            children.append(Child(stage, argv, run_dir / "logs"))
+            for k in range(cfg.local.workers_per_stage):
+                name = stage if cfg.local.workers_per_stage == 1 else f"{stage}-{k}"
+                argv = [sys.executable, "-m", "sipstream", "worker", stage, *common, "--instance-id", f"{name}-local"]
+                children.append(Child(name, argv, run_dir / "logs"))
         learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs")
         children.append(learner)
         for child in children:
@@ -157,12 +177,17 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         print(f"ingested {result.ingested} documents; stages: {' → '.join(PIPELINE)}", flush=True)
 
         pair_ids: set[str] = set()
+        recent_rewards: deque[float] = deque(maxlen=20)
 
         def on_pair(pair: dict) -> None:
-            # At-least-once: a restarted worker may repeat records; count each item once.
-            if pair["item_id"] not in pair_ids:
-                pair_ids.add(pair["item_id"])
-                chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
+            # At-least-once: a restarted worker may repeat records; each item counts once (dedupe by item_id).
+            if pair["item_id"] in pair_ids:
+                result.duplicates_removed += 1
+                return
+            pair_ids.add(pair["item_id"])
+            chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
+            if pair.get("chosen"):
+                recent_rewards.append(pair["chosen"]["total"])
 
         def on_weights(announcement: dict) -> None:
             if announcement.get("run_name") == cfg.run_name:
@@ -171,7 +196,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         callbacks = {FINAL_TOPIC: on_pair, T.WEIGHTS: on_weights}
         for topic in (*STATUS_TOPICS, T.DEADLETTER, T.WEIGHTS):
             tails[topic] = TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions,
-                                     on_record=callbacks.get(topic))
+                                     on_record=callbacks.get(topic), id_field="item_id" if topic != T.DOCUMENTS else None)
         deadline = time.monotonic() + cfg.local.timeout_s
         interactive = sys.stdout.isatty()
         last_line = ""
@@ -183,12 +208,10 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
                 bootstrap, f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
             for tail in tails.values():
                 tail.poll()
-            result.items = tails[T.PREFIXES].count
+            result.items = len(tails[T.PREFIXES].ids)
             result.completed = len(pair_ids)
             result.deadlettered = tails[T.DEADLETTER].count
-            line = "  ".join(f"{t.removeprefix('sip.')} {tails[t].count}" for t in STATUS_TOPICS)
-            line += f"  deadletter {result.deadlettered}  policy v{max(result.policy_versions, default=0)}"
-            line += f"  chosen {dict(chosen)}"
+            line = status_line(tails, result, chosen, recent_rewards)
             if line != last_line:
                 print(("\r" + line[:200]) if interactive else line, end="" if interactive else "\n", flush=True)
                 last_line = line

@@ -15,13 +15,22 @@ from typing import Any
 class TopicTail:
     """Reads a topic from the start with assign(), incrementally; tracks counts and end offsets."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, on_record: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        on_record: Callable[[dict], None] | None = None,
+        id_field: str | None = None,
+    ) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
         self.topic = topic
         self.partitions = partitions
         self.on_record = on_record
+        self.id_field = id_field
         self.count = 0
+        self.ids: set[str] = set()  # distinct values of `id_field` (at-least-once may repeat records)
         self.next_offsets: dict[int, int] = {}
         self._consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": f"sipstream-tail-{topic}", "enable.auto.commit": False,
@@ -41,11 +50,16 @@ class TopicTail:
                 read += 1
                 self.count += 1
                 self.next_offsets[msg.partition()] = msg.offset() + 1
+                if self.on_record is None and self.id_field is None:
+                    continue
+                try:
+                    value = json.loads(msg.value())
+                except ValueError:
+                    continue  # not JSON: counted, not interpreted
+                if self.id_field is not None and isinstance(value, dict) and self.id_field in value:
+                    self.ids.add(str(value[self.id_field]))
                 if self.on_record is not None:
-                    try:
-                        self.on_record(json.loads(msg.value()))
-                    except ValueError:
-                        pass  # not JSON: counted, not interpreted
+                    self.on_record(value)
 
     def committed_by(self, bootstrap: str, group: str) -> bool:
         """True when `group` has committed every record read so far (a stage has caught up)."""

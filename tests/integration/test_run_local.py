@@ -84,3 +84,52 @@ def test_a_crashed_worker_is_restarted_and_nothing_is_lost(tmp_path: Path) -> No
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"]["rollout"] == 1
     assert summary["items"] == 12 and summary["completed"] == 12 and summary["deadlettered"] == 0
+
+
+@pytest.mark.slow
+def test_two_workers_per_stage_one_of_each_killed_every_item_reaches_pairs_once(tmp_path: Path) -> None:
+    """The scale-out check of the deploy issue, on the embedded broker: each stage runs 2 workers in one
+    group, one worker of every stage is killed with SIGKILL mid-run, the supervisor restarts it, and every
+    item still reaches sip.pairs exactly once after dedupe by item_id."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
+         "--workers", "2", "--max-documents", "16", "--set", f"run_dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "w"), text=True,  # noqa: SIM115
+        env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
+    )
+    import re
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    killed: dict[str, int] = {}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(killed) < len(STAGES) and proc.poll() is None:
+        run_dirs = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
+        # Mid-run: items exist and some, not all, have reached sip.pairs.
+        status = [re.search(r"items (\d+) \|.*assemble (\d+) ", line) for line in lines[-3:]]
+        progress = [(int(m.group(1)), int(m.group(2))) for m in status if m]
+        if run_dirs and progress and 0 < progress[-1][1] < progress[-1][0]:
+            mine = set(_pids_of(f"{run_dirs[0]}/config.yaml"))
+            for stage in STAGES - set(killed):
+                pids = [pid for pid in _pids_of(f"--instance-id {stage}-0-local") if pid in mine]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed[stage] = pids[0]
+        time.sleep(0.5)
+    proc.wait(timeout=900)
+    reader.join(10)
+    out, err = "".join(lines), (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"killed {sorted(killed)}; restarts {summary['restarts']}; duplicates removed {summary['duplicates_removed']}")
+    assert set(killed) == STAGES, f"could not kill a worker of {STAGES - set(killed)} mid-run"
+    assert all(summary["restarts"][f"{stage}-0"] == 1 for stage in STAGES)
+    # Exactly once after dedupe: every item (distinct item_id on sip.prefixes) has one pair.
+    assert summary["items"] == 32 and summary["completed"] == 32 and summary["deadlettered"] == 0
+    assert summary["policy_versions"]
