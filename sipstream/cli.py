@@ -296,6 +296,9 @@ def run(
     workers: Annotated[
         Optional[int], typer.Option(help="Worker processes per stage (local.workers_per_stage).", show_default=False)
     ] = None,
+    max_items: Annotated[
+        Optional[int], typer.Option(help="Stop once this many items reached sip.pairs (local.max_items).", show_default=False)
+    ] = None,
 ) -> None:
     """Run the whole loop on one machine, on the embedded broker unless a cluster is configured.
 
@@ -306,7 +309,7 @@ def run(
 
     overrides = list(sets or [])
     for key, value in (("local.max_documents", max_documents), ("learner.max_steps", max_steps),
-                       ("local.workers_per_stage", workers)):
+                       ("local.workers_per_stage", workers), ("local.max_items", max_items)):
         if value is not None:
             overrides.append(f"{key}={value}")
     run_local(_config(config, overrides, bootstrap_servers), sources=source)

@@ -144,6 +144,8 @@ class LocalRunConfig(StrictModel):
     """`sipstream run` ingests at most this many documents of the shipped corpus (unset: all)."""
     timeout_s: float = Field(3600.0, gt=0)
     """`sipstream run` gives up (and says so) after this long."""
+    max_items: int | None = Field(None, ge=1)
+    """`sipstream run` stops once this many items reached sip.pairs (unset: when every ingested item did)."""
     workers_per_stage: int = Field(1, ge=1, le=16)
     """Worker processes per stage (one consumer group each: they split the stage's partitions)."""
     max_restarts: int = Field(3, ge=0)

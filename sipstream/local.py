@@ -63,6 +63,7 @@ class Child:
         self.argv = argv
         self.log_path = log_dir / f"{name}.log"
         self.restarts = 0
+        self.finished = False
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -218,9 +219,16 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
 
             if split_done and result.completed + result.deadlettered >= result.items:
                 break
+            if cfg.local.max_items is not None and result.completed >= cfg.local.max_items:
+                log.info("stopping at local.max_items", max_items=cfg.local.max_items)
+                break
             for child in children:
                 code = child.crashed()
-                if code is None:
+                if code is None or child.finished:
+                    continue
+                if code == 0:  # e.g. the learner reached learner.max_steps: done, not crashed
+                    child.finished = True
+                    log.info("process finished", worker=child.name)
                     continue
                 if child.restarts >= cfg.local.max_restarts:
                     raise UserError(f"worker {child.name} exited with code {code} {child.restarts + 1} times; "
