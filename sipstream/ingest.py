@@ -12,7 +12,6 @@ on `sip.deadletter` (stage `ingest`) with its reason and location, and ingestion
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
@@ -23,6 +22,7 @@ from typing import Any, Literal
 
 from sipstream.bus import topics as T
 from sipstream.bus.client import producer_config
+from sipstream.bus.deadletter import deadletter_record
 from sipstream.config import BusConfig
 from sipstream.errors import UserError
 from sipstream.logs import get_logger
@@ -176,12 +176,9 @@ def _iter_parquet(path: str, text_field: str, id_field: str | None, max_bytes: i
 
 
 def _rejection_record(rej: Rejected, limit: int = 256 * 1024) -> dict[str, Any]:
-    return {
-        "stage": "ingest", "error": "bad_encoding" if "UTF-8" in rej.reason or "binary" in rej.reason else "schema",
-        "reason": rej.reason, "topic": rej.source, "partition": 0, "offset": rej.position, "key": None,
-        "value_b64": base64.b64encode(rej.raw[:limit]).decode("ascii"), "value_bytes": len(rej.raw),
-        "value_sha256": hashlib.sha256(rej.raw).hexdigest(), "truncated": len(rej.raw) > limit, "ts": time.time(),
-    }
+    error = "bad_encoding" if "UTF-8" in rej.reason or "binary" in rej.reason else "schema"
+    return deadletter_record(stage="ingest", error=error, reason=rej.reason, topic=rej.source, partition=0,
+                             offset=rej.position, raw=rej.raw, limit=limit)
 
 
 def produce_documents(

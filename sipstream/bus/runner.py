@@ -13,8 +13,6 @@ the batch in hand, flushes, commits and leaves the group.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import socket
@@ -26,6 +24,7 @@ from typing import Any
 
 from sipstream.bus import topics as T
 from sipstream.bus.client import consumer_config, producer_config, usable_messages
+from sipstream.bus.deadletter import deadletter_from_message
 from sipstream.config import Config
 from sipstream.errors import BrokerError, UserError
 from sipstream.health import start_health_server
@@ -311,24 +310,8 @@ class StageRunner:
         )
 
     def _deadletter(self, msg: Any, failure: _Failure) -> None:
-        raw: bytes = msg.value() or b""
-        limit = self.cfg.runner.deadletter_max_value_bytes
-        key = msg.key()
-        record = {
-            "stage": self.stage.name,
-            "instance": self.instance_id,
-            "error": failure.error,
-            "reason": failure.reason,
-            "topic": msg.topic(),
-            "partition": msg.partition(),
-            "offset": msg.offset(),
-            "key": None if key is None else key.decode("utf-8", errors="replace"),
-            "value_b64": base64.b64encode(raw[:limit]).decode("ascii"),
-            "value_bytes": len(raw),
-            "value_sha256": hashlib.sha256(raw).hexdigest(),
-            "truncated": len(raw) > limit,
-            "ts": time.time(),
-        }
+        record = deadletter_from_message(msg, stage=self.stage.name, instance=self.instance_id, error=failure.error,
+                                         reason=failure.reason, limit=self.cfg.runner.deadletter_max_value_bytes)
         self._produce(T.DEADLETTER, record)
         self.stats.counters["deadlettered"] += 1
         self.stats.counters[f"deadlettered.{failure.error}"] += 1

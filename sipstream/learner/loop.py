@@ -25,9 +25,7 @@ process never touches torch.distributed).
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -328,16 +326,10 @@ class PairReader:
             raise RuntimeError(f"{what}: {remaining} record(s) unacknowledged, failures: {errors[:3]}")
 
     def deadletter(self, msg: Any, error: str, reason: str) -> None:
-        raw: bytes = msg.value() or b""
-        limit = self.cfg.runner.deadletter_max_value_bytes
-        key = msg.key()
-        self.produce(T.DEADLETTER, {
-            "stage": "learner", "instance": self.instance_id, "error": error, "reason": reason,
-            "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
-            "key": None if key is None else key.decode("utf-8", errors="replace"),
-            "value_b64": base64.b64encode(raw[:limit]).decode("ascii"), "value_bytes": len(raw),
-            "value_sha256": hashlib.sha256(raw).hexdigest(), "truncated": len(raw) > limit, "ts": time.time(),
-        })
+        from sipstream.bus.deadletter import deadletter_from_message
+
+        self.produce(T.DEADLETTER, deadletter_from_message(msg, stage="learner", instance=self.instance_id, error=error,
+                                                           reason=reason, limit=self.cfg.runner.deadletter_max_value_bytes))
         self.log.warning("record dead-lettered", error=error, reason=reason[:300], topic=msg.topic(),
                          partition=msg.partition(), offset=msg.offset())
 
