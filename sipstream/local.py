@@ -206,7 +206,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             # split commits only after its items are acknowledged, the poll below then sees them all.
             tails[T.DOCUMENTS].poll()
             split_done = tails[T.DOCUMENTS].count >= result.ingested and tails[T.DOCUMENTS].committed_by(
-                bootstrap, f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
+                f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
             for tail in tails.values():
                 tail.poll()
             result.items = len(tails[T.PREFIXES].ids)

@@ -31,6 +31,8 @@ class TopicTail:
         self.id_field = id_field
         self.count = 0
         self.ids: set[str] = set()  # distinct values of `id_field` (at-least-once may repeat records)
+        self._bootstrap = bootstrap
+        self._probes: dict[str, Any] = {}  # group → consumer that reads its committed offsets (never joins)
         self.next_offsets: dict[int, int] = {}
         self._consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": f"sipstream-tail-{topic}", "enable.auto.commit": False,
@@ -61,19 +63,21 @@ class TopicTail:
                 if self.on_record is not None:
                     self.on_record(value)
 
-    def committed_by(self, bootstrap: str, group: str) -> bool:
+    def committed_by(self, group: str) -> bool:
         """True when `group` has committed every record read so far (a stage has caught up)."""
         from confluent_kafka import Consumer, TopicPartition
 
-        probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                          "log.connection.close": False})
-        try:
-            committed = probe.committed([TopicPartition(self.topic, p) for p in self.next_offsets], timeout=10)
-            return all(tp.offset >= self.next_offsets[tp.partition] for tp in committed)
-        finally:
-            probe.close()
+        probe = self._probes.get(group)
+        if probe is None:  # kept across calls: `sipstream run` asks every second
+            probe = Consumer({"bootstrap.servers": self._bootstrap, "group.id": group, "enable.auto.commit": False,
+                              "log.connection.close": False})
+            self._probes[group] = probe
+        committed = probe.committed([TopicPartition(self.topic, p) for p in self.next_offsets], timeout=10)
+        return all(tp.offset >= self.next_offsets[tp.partition] for tp in committed)
 
     def close(self) -> None:
+        for probe in self._probes.values():
+            probe.close()
         self._consumer.close()
 
     def __enter__(self) -> TopicTail:
