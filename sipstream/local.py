@@ -252,8 +252,9 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         # The record of the run: topic ranges + the learner's manifest, for `sipstream replay`.
         pipeline_manifest(run_dir, cfg, bootstrap, begin)
         if broker is not None and cfg.bus.embedded.storage.startswith("memory://"):
-            # An in-memory broker forgets everything when it stops: archive what replay needs.
-            for topic in (T.PAIRS, T.WEIGHTS, T.DOCUMENTS):
+            # An in-memory broker forgets everything when it stops: archive what replay needs,
+            # and the metrics and dead letters `sipstream report` draws from.
+            for topic in (T.PAIRS, T.WEIGHTS, T.DOCUMENTS, T.METRICS, T.DEADLETTER):
                 export_topic(topic, run_dir, str(run_dir / "export"))
     finally:
         for child in children:
