@@ -183,7 +183,7 @@ def pipeline_manifest(run_dir: Path, cfg: Any, bootstrap: str, begin: dict[str, 
     the learner's own manifest when there is one."""
     from sipstream.bus import topics as T
 
-    names = topics or [t for t in T.CORE_TOPICS if t != T.METRICS]
+    names = topics or list(T.CORE_TOPICS)
     ranges = read_ends(bootstrap, cfg.bus, names, begin)
     learner_dir = Path(run_dir) / cfg.run_name
     data = {

@@ -244,21 +244,89 @@ class LearnerReplay:
         return self.final_sha256 is not None and self.final_sha256 == self.original_sha256
 
 
-def replay_learner(run: str | Path, *, bootstrap: str | None = None, algo: str | None = None,
-                   overrides: Sequence[str] = (), out_dir: str | Path | None = None,
-                   handle_signals: bool = True) -> LearnerReplay:
-    """Train again on exactly the records a learner run consumed; returns where and what came out."""
+def parse_offsets(spec: str) -> dict[int, tuple[int, int]]:
+    """`"0:0-120,1:5-98"` → {partition: (first offset, end offset exclusive)}; a bad spec is a UserError."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            partition, span = part.split(":")
+            first, end = span.split("-")
+            key, lo, hi = int(partition), int(first), int(end)
+        except ValueError:
+            raise UserError(f"--from-offsets: {part!r} is not PARTITION:FIRST-END (e.g. 0:0-120,1:5-98; END is "
+                            "exclusive)") from None
+        if key < 0 or lo < 0 or hi <= lo:
+            raise UserError(f"--from-offsets: {part!r} needs a partition >= 0 and 0 <= FIRST < END")
+        if key in ranges:
+            raise UserError(f"--from-offsets: partition {key} is given twice")
+        ranges[key] = (lo, hi)
+    return ranges
+
+
+def offsets_sequence(ranges: dict[int, tuple[int, int]]) -> list[tuple[int, int]]:
+    """The order a `--from-offsets` replay reads its records in: round-robin over partitions by position.
+
+    A live learner's order depends on timing; with no consumption log to follow, this order is fixed by
+    the ranges alone, so two replays of the same ranges see the same sequence and train the same model."""
+    cursors = {p: lo for p, (lo, _) in sorted(ranges.items())}
+    out: list[tuple[int, int]] = []
+    while cursors:
+        for partition in list(cursors):
+            out.append((partition, cursors[partition]))
+            cursors[partition] += 1
+            if cursors[partition] >= ranges[partition][1]:
+                del cursors[partition]
+    return out
+
+
+@dataclass
+class _Source:
+    """Where a learner replay's records and config come from: a recorded run, or explicit offsets."""
+
+    cfg: Any
+    sequence: list[tuple[int, int]]
+    source_topic: str
+    bootstrap: str
+    original_algo: str
+    original: dict[str, Any] | None  # the recorded run's manifest, when there is one
+    run_dir: Path | None
+
+
+def _learner_source(run: str | Path | None, from_offsets: str | None, config: Any, bootstrap: str | None) -> _Source:
     from sipstream.learner.consumption import iter_records, read_log
+
+    if run is not None:
+        run_dir, data = M.learner_manifest(*M.load_manifest(run))
+        cfg = recorded_config(data, run_dir)
+        if from_offsets is None:
+            log_info = data["learner"]["consumption_log"]
+            sequence = list(iter_records(read_log(run_dir / log_info["path"])[: log_info["lines"]]))
+        else:
+            sequence = offsets_sequence(parse_offsets(from_offsets))
+        return _Source(cfg, sequence, data["topics"][T.PAIRS]["live_name"],
+                       bootstrap or data["bus"]["bootstrap_servers"], data["learner"]["algo"], data, run_dir)
+    if from_offsets is None or config is None:
+        raise UserError("replay learner needs --run RUN_DIR, or --from-offsets with the config that names the bus "
+                        "and the initial policy (--config)")
+    from sipstream.bus.embedded import resolve_bootstrap
+
+    return _Source(config, offsets_sequence(parse_offsets(from_offsets)), config.bus.topic(T.PAIRS),
+                   bootstrap or resolve_bootstrap(config), config.learner.algo, None, None)
+
+
+def replay_learner(run: str | Path | None = None, *, bootstrap: str | None = None, algo: str | None = None,
+                   overrides: Sequence[str] = (), out_dir: str | Path | None = None,
+                   handle_signals: bool = True, from_offsets: str | None = None, config: Any = None) -> LearnerReplay:
+    """Train again on exactly the records a learner run consumed; returns where and what came out.
+
+    `from_offsets` ("0:0-120,1:5-98") replaces the run's consumption log by explicit `sip.pairs` ranges,
+    read in `offsets_sequence` order: with `run`, on that run's config and initial weights; without it,
+    on `config` (a run directory that was lost, a range picked by hand)."""
     from sipstream.learner.loop import run_learner
 
-    run_dir, data = M.learner_manifest(*M.load_manifest(run))
-    log_info = data["learner"]["consumption_log"]
-    entries = read_log(run_dir / log_info["path"])[: log_info["lines"]]
-    sequence = list(iter_records(entries))
-    original_algo = data["learner"]["algo"]
-    cfg = recorded_config(data, run_dir)
-    bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
-    source_topic = data["topics"][T.PAIRS]["live_name"]
+    src = _learner_source(run, from_offsets, config, bootstrap)
+    cfg, sequence, source_topic, bootstrap = src.cfg, src.sequence, src.source_topic, src.bootstrap
+    data, run_dir, original_algo = src.original, src.run_dir, src.original_algo
 
     tag = stamp()
     lcfg = {"checkpoint_dir": None, "weight_store": None, "max_steps": None, "idle_timeout_s": 0.001}
@@ -268,8 +336,9 @@ def replay_learner(run: str | Path, *, bootstrap: str | None = None, algo: str |
             lcfg |= {"nll_mix": 0.0, "reference_refresh_every": None}
     from sipstream.config import merged
 
+    default_parent = run_dir.parent if run_dir is not None else Path(cfg.run_dir)
     replay_cfg = merged(
-        cfg, run_name=f"{cfg.run_name}-replay-{tag}", run_dir=str(Path(out_dir) if out_dir else run_dir.parent),
+        cfg, run_name=f"{cfg.run_name}-replay-{tag}", run_dir=str(Path(out_dir) if out_dir else default_parent),
         bus={"bootstrap_servers": bootstrap, "topic_prefix": f"replay-{tag}.{cfg.bus.topic_prefix}",
              "group_prefix": f"{cfg.bus.group_prefix}.replay-{tag}"},
         learner=lcfg,
@@ -284,8 +353,11 @@ def replay_learner(run: str | Path, *, bootstrap: str | None = None, algo: str |
     # Fail before training when the recorded range is no longer on the broker.
     probe = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
     try:
-        for partition, (first, _) in data["topics"][T.PAIRS]["partitions"].items():
-            probe.get(int(partition), first)
+        firsts: dict[int, int] = {}
+        for partition, offset in sequence:
+            firsts[partition] = min(offset, firsts.get(partition, offset))
+        for partition, first in firsts.items():
+            probe.get(partition, first)
     finally:
         probe.close()
     T.create_topics(replay_cfg.bus, bootstrap, {n: specs[n] for n in (T.WEIGHTS, T.METRICS, T.DEADLETTER)})
@@ -296,14 +368,16 @@ def replay_learner(run: str | Path, *, bootstrap: str | None = None, algo: str |
         fetcher = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
         return reader_class(*args, source_topic=source_topic, sequence=sequence, fetcher=fetcher)
 
-    original_sha = (data["learner"].get("final_weights") or {}).get("sha256")
-    get_logger(component="replay").info("replaying learner", run=str(run_dir), records=len(sequence),
-                                        algo=replay_cfg.learner.algo, into=replay_cfg.run_name)
-    extra = {"replay_of": {"run_dir": str(run_dir.resolve()), "run_name": data["run_name"], "algo": original_algo,
-                           "final_sha256": original_sha, "records": len(sequence)}}
+    original_sha = (data["learner"].get("final_weights") or {}).get("sha256") if data else None
+    get_logger(component="replay").info("replaying learner", run=str(run_dir), from_offsets=from_offsets,
+                                        records=len(sequence), algo=replay_cfg.learner.algo, into=replay_cfg.run_name)
+    extra = {"replay_of": {"run_dir": str(run_dir.resolve()) if run_dir else None,
+                           "run_name": data["run_name"] if data else None, "algo": original_algo,
+                           "final_sha256": original_sha, "records": len(sequence),
+                           "from_offsets": {"topic": source_topic, "ranges": from_offsets} if from_offsets else None}}
+    initial = data["models"]["policy"]["initial_sha256"] if data and same_policy else None
     state = run_learner(replay_cfg, bootstrap, learner=replay_cfg.learner, pair_reader=reader,
-                        handle_signals=handle_signals, manifest_extra=extra,
-                        expect_initial_sha256=data["models"]["policy"]["initial_sha256"] if same_policy else None)
+                        handle_signals=handle_signals, manifest_extra=extra, expect_initial_sha256=initial)
     new_dir = Path(replay_cfg.run_dir) / replay_cfg.run_name
     _, new = M.load_manifest(new_dir)
     return LearnerReplay(run_dir=new_dir, algo=replay_cfg.learner.algo, original_algo=original_algo,

@@ -39,7 +39,20 @@ def _logging() -> None:
 
 @app.command("learner")
 def learner(
-    run: RunOpt,
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run directory holding manifest.json (of `sipstream learner` or "
+                                               "`sipstream run`).", show_default=False)
+    ] = None,
+    from_offsets: Annotated[
+        str | None, typer.Option("--from-offsets", help="Train on these sip.pairs ranges instead of the run's "
+                                 "consumption log: PARTITION:FIRST-END,... (END exclusive), read round-robin over "
+                                 "partitions. Without --run, --config names the bus and the policy.",
+                                 show_default=False)
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Config for a --from-offsets replay without --run.",
+                                  show_default=False)
+    ] = None,
     algo: Annotated[
         str | None, typer.Option(help="Train another algorithm (dpo, nll, pretrain) on the same pairs.", show_default=False)
     ] = None,
@@ -56,11 +69,26 @@ def learner(
 
     if algo is not None and algo not in ("dpo", "nll", "pretrain"):
         raise UserError(f"--algo must be dpo, nll or pretrain, not {algo!r}")
+    if run is None and from_offsets is None:
+        raise UserError("replay learner needs --run RUN_DIR (or --from-offsets with --config)")
+    if run is not None and config is not None:
+        raise UserError("--config is for --from-offsets without --run; a run replays with its recorded config "
+                        "(change fields with --set)")
     _logging()
-    result = replay_learner(run, bootstrap=bootstrap_servers, algo=algo, overrides=sets or [], out_dir=out)
+    cfg = None
+    if run is None:
+        from sipstream.config import load_config
+
+        cfg = load_config(config, [])
+    result = replay_learner(run, bootstrap=bootstrap_servers, algo=algo, overrides=sets or [], out_dir=out,
+                            from_offsets=from_offsets, config=cfg)
     typer.echo(f"replayed {result.records} records in {result.steps} steps ({result.algo}) into {result.run_dir}")
     typer.echo(f"final weights sha256 {result.final_sha256}")
-    if result.algo == result.original_algo and not sets:
+    if result.original_sha256 is None:
+        pass  # nothing recorded to compare with
+    elif from_offsets is not None:
+        typer.echo(f"original run (its own consumption order): {result.original_sha256}")
+    elif result.algo == result.original_algo and not sets:
         if result.identical:
             typer.echo("identical to the original run")
         else:

@@ -12,6 +12,8 @@ from sipstream.bus.runner import StageRunner
 from sipstream.config import merged
 from sipstream.data import load_corpus
 from sipstream.ingest import produce_documents
+from sipstream.manifest import pipeline_manifest
+from sipstream.replay import replay_stage
 from sipstream.stages import build_stage
 
 TINY = {"policy": {"source": "tiny-gpt2"}, "judge": {"source": "tiny-gpt2"}, "rewriter": {"source": "tiny-gpt2"}}
@@ -30,7 +32,7 @@ def run_stage(name: str, cfg, bootstrap: str, expect: int) -> dict:  # noqa: ANN
 
 
 @pytest.mark.slow
-def test_ingest_to_pairs_records_agree_across_topics(bus, tiny_cfg) -> None:  # noqa: ANN001
+def test_ingest_to_pairs_records_agree_across_topics(bus, tiny_cfg, tmp_path) -> None:  # noqa: ANN001
     specs = T.load_specs()
     documents = load_corpus()[:4]
     produce_documents(tiny_cfg.bus, bus.bootstrap, documents)
@@ -73,6 +75,24 @@ def test_ingest_to_pairs_records_agree_across_topics(bus, tiny_cfg) -> None:  # 
         else:
             assert pair["why"]
         assert pair["target"]["total"] == max(totals.values())
+
+    # Re-judge the recorded rollouts with another judge setting (safety only), into new topics.
+    run_dir = tmp_path / "runs" / "pipeline"
+    pipeline_manifest(run_dir, tiny_cfg, bus.bootstrap, topics=[T.ROLLOUTS, T.JUDGED])
+    replay = replay_stage("judge", run_dir, overrides=["judge.weights.quality=0", "judge.weights.factuality=0"],
+                          timeout_s=300)
+    assert (replay.input_records, replay.output_records, replay.deadlettered) == (n_items, n_items, 0)
+    replay_bus = type(bus)(merged(tiny_cfg, bus={"topic_prefix": replay.topic_prefix}), bus.bootstrap)
+    rejudged = {v["item_id"]: v for v in replay_bus.values(T.JUDGED, expect=n_items)}
+    assert rejudged.keys() == by_id[T.JUDGED].keys()
+    for item_id, item in rejudged.items():
+        # Same candidates and the same safety scores (same judge, same inputs); totals now count safety alone.
+        before = {(s["kind"], s["index"]): s for s in by_id[T.JUDGED][item_id]["scores"]}
+        for score in item["scores"]:
+            old = before[(score["kind"], score["index"])]
+            assert score["safety"] == pytest.approx(old["safety"], abs=1e-5)
+            assert score["total"] == pytest.approx(score["safety"], abs=1e-5) or score["total"] < 0  # gated unsafe
+    assert len(bus.values(T.JUDGED, expect=n_items)) == n_items  # the original topic is untouched
 
 
 @pytest.mark.slow

@@ -146,3 +146,33 @@ def test_a_pipeline_run_exports_with_its_learner_and_replays_after_import(origin
     assert (imported / cfg.run_name / "consumption.jsonl").is_file()
     result = replay_learner(imported, handle_signals=False)  # follows the pipeline manifest to its learner
     assert result.identical
+
+
+def _spec(partitions: dict) -> str:
+    return ",".join(f"{p}:{first}-{end}" for p, (first, end) in sorted(partitions.items()))
+
+
+def test_from_offsets_replays_a_range_the_same_way_with_or_without_the_run_dir(original) -> None:
+    import pytest
+
+    from sipstream.errors import UserError
+    from sipstream.replay import offsets_sequence, parse_offsets
+
+    cfg, run_dir = original
+    partitions = json.loads((run_dir / "manifest.json").read_text())["topics"][T.PAIRS]["partitions"]
+    spec = _spec(partitions)
+    with_run = replay_learner(run_dir, from_offsets=spec, handle_signals=False)
+    without_run = replay_learner(None, from_offsets=spec, config=cfg, handle_signals=False)
+    # Same ranges, same config and initial weights → the same sequence and the same model, run dir or not.
+    assert with_run.records == without_run.records == 12
+    assert with_run.final_sha256 == without_run.final_sha256 is not None
+    looked_at = [tuple(r) for e in read_log(without_run.run_dir / "consumption.jsonl") for r in e["records"]]
+    assert looked_at == offsets_sequence(parse_offsets(spec))
+    manifest = json.loads((without_run.run_dir / "manifest.json").read_text())
+    assert manifest["replay_of"]["from_offsets"] == {"topic": cfg.bus.topic(T.PAIRS), "ranges": spec}
+
+    # A range past the end of the topic is refused before training, naming the partition.
+    last = max(int(p) for p in partitions)
+    end = partitions[str(last)][1]
+    with pytest.raises(UserError, match=f"partition {last}"):
+        replay_learner(None, from_offsets=f"{last}:{end + 5}-{end + 9}", config=cfg, handle_signals=False)
