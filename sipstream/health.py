@@ -1,8 +1,8 @@
-"""A worker's health and metrics over HTTP, for Kubernetes probes and Prometheus (stdlib only).
+"""A worker's or the learner's health and metrics over HTTP, for Kubernetes probes and Prometheus.
 
     GET /livez    200 while the poll loop keeps turning (a beat within `stale_after_s`), else 503
     GET /readyz   200 once the loop has turned at least once and until shutdown begins, else 503
-    GET /metrics  the runner's counters and gauges in Prometheus text format
+    GET /metrics  the process's Prometheus metrics (`sipstream.metrics`: names, types, labels)
 
 Liveness is "the loop is not stuck", not "there is work": an idle worker beats every
 `runner.batch_timeout_s`. During one long batch (model calls) there is no beat, so `stale_after_s`
@@ -11,19 +11,21 @@ must exceed the slowest batch; Kubernetes' own failureThreshold adds to it. Befo
 
 The server binds 127.0.0.1 by default, so nothing is exposed on a laptop; deployments set
 `runner.health_host=0.0.0.0` because the kubelet and Prometheus reach the pod's IP. It runs in a
-daemon thread and never touches Kafka, so a slow scrape cannot stall the loop.
+daemon thread (stdlib http.server) and never touches Kafka, so a slow scrape cannot stall the loop.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MetricsFn = Callable[[], Mapping[str, Any]]
+MetricsFn = Callable[[], bytes]
+"""Returns the Prometheus exposition text (`ProcessMetrics.text`)."""
+# The text format prometheus-client's generate_latest() writes (prometheus_client.CONTENT_TYPE_LATEST).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Health:
@@ -59,32 +61,6 @@ class Health:
         return self.live()
 
 
-_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def _metric_name(name: str) -> str:
-    return "sipstream_" + _NAME_BAD.sub("_", name).strip("_")
-
-
-def _label_value(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def prometheus_text(record: Mapping[str, Any]) -> str:
-    """A runner metrics record (`StageRunner.metrics_record()`: source, instance, counters, gauges) as
-    Prometheus exposition text. Counters get `_total`; every sample is labelled with stage and instance."""
-    labels = f'stage="{_label_value(record.get("source", ""))}",instance="{_label_value(record.get("instance", ""))}"'
-    lines: list[str] = []
-    for kind, suffix, section in (("counter", "_total", "counters"), ("gauge", "", "gauges")):
-        for key, value in sorted((record.get(section) or {}).items()):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            name = _metric_name(key) + suffix
-            lines.append(f"# TYPE {name} {kind}")
-            lines.append(f"{name}{{{labels}}} {float(value)!r}")
-    return "\n".join(lines) + "\n"
-
-
 class HealthServer:
     """The HTTP server thread. `beat()`/`close()` forward to the shared `Health`."""
 
@@ -103,16 +79,16 @@ class HealthServer:
                     self._reply(200 if ok else 503, why + "\n")
                 elif path == "/metrics" and metrics is not None:
                     try:
-                        body = prometheus_text(metrics())
-                    except Exception as exc:  # noqa: BLE001 - a racing counter update: the next scrape succeeds
+                        body = metrics()
+                    except Exception as exc:  # noqa: BLE001 - a failing collector must not take the probes down
                         self._reply(500, f"metrics unavailable: {exc!r}\n")
                         return
-                    self._reply(200, body, "text/plain; version=0.0.4; charset=utf-8")
+                    self._reply(200, body, METRICS_CONTENT_TYPE)
                 else:
                     self._reply(404, "not found: try /livez, /readyz, /metrics\n")
 
-            def _reply(self, code: int, body: str, content_type: str = "text/plain; charset=utf-8") -> None:
-                data = body.encode("utf-8")
+            def _reply(self, code: int, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                data = body if isinstance(body, bytes) else body.encode("utf-8")
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))

@@ -2,11 +2,16 @@
 
 Events bind the fields a reader needs to find a record again: stage, item_id, topic, partition,
 offset, policy_version. Logs go to stderr so stdout stays free for command output.
+
+"auto" means JSON whenever stderr is not a terminal, so the workers `sipstream run` starts (their stderr
+is a log file) and containers write one JSON object per line. Hugging Face progress bars are turned off
+then too: on a file they are not progress, just non-JSON lines between the events.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -20,6 +25,9 @@ def configure_logging(cfg: LoggingConfig | None = None) -> None:
     cfg = cfg or LoggingConfig()
     pretty = cfg.format == "console" or (cfg.format == "auto" and sys.stderr.isatty())
     renderer = structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer()
+    if not pretty:
+        # Read when huggingface_hub is first imported (transformers follows it); commands import it later.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +176,7 @@ def _replay_reader_class() -> type:
             self.produced: dict[str, dict[int, list[int]]] = {}
             self.producer = Producer(producer_config(cfg.bus, bootstrap, client_id=instance_id))
             self.committed: dict[int, int] = {}
+            self.deadlettered: Counter[str] = Counter()  # by error class, as PairReader counts them
             self.sequence = list(sequence)
             self.next = 0
             self.fetcher = fetcher

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from sipstream.bus import topics as T
 from sipstream.bus.client import consumer_config, producer_config, usable_messages
 from sipstream.bus.deadletter import deadletter_from_message
@@ -29,8 +31,18 @@ from sipstream.config import Config
 from sipstream.errors import BrokerError, UserError
 from sipstream.health import start_health_server
 from sipstream.logs import get_logger
+from sipstream.metrics import ProcessMetrics
 
 Item = dict[str, Any]
+
+
+def record_fields(msg: Any, item: Item | None = None) -> dict[str, Any]:
+    """Log fields that find a record again: its coordinates and, when decoded, its item."""
+    fields: dict[str, Any] = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
+    for key in ("item_id", "doc_id", "policy_version"):
+        if item is not None and isinstance(item, dict) and key in item:
+            fields[key] = item[key]
+    return fields
 
 
 class Stage:
@@ -99,7 +111,9 @@ class StageRunner:
         instance_id: str | None = None,
         static_membership: bool = False,
         specs: dict[str, T.TopicSpec] | None = None,
+        model_load_seconds: float | None = None,
     ) -> None:
+        """`model_load_seconds`: how long building the stage (its model) took, for /metrics."""
         from confluent_kafka import Consumer, Producer
 
         self.stage = stage
@@ -112,6 +126,8 @@ class StageRunner:
         self.output_spec = self.specs[stage.output_topic] if stage.output_topic else None
         self.instance_id = instance_id or default_instance_id(stage.name)
         self.log = get_logger(stage=stage.name, instance=self.instance_id)
+        # Per-record events only when asked for: building them costs more than echoing a record.
+        self._log_records = cfg.logging.level == "debug"
         self.stats = RunnerStats()
         self._stopping = False
         self._delivery_errors: list[str] = []
@@ -127,7 +143,10 @@ class StageRunner:
                 instance_id=self.instance_id if static_membership else None,
             )
         )
-        self.health = start_health_server(cfg.runner.health_port, cfg.runner.health_host, metrics=self.metrics_record,
+        self.metrics = ProcessMetrics("worker", run=cfg.run_name, stage=stage.name)
+        self.metrics.set("sipstream_model_load_seconds", model_load_seconds)
+        self._observe_stage()
+        self.health = start_health_server(cfg.runner.health_port, cfg.runner.health_host, metrics=self.metrics.text,
                                           stale_after_s=cfg.runner.health_stale_after_s)
         self.control = None
         if stage.control_topics:
@@ -164,7 +183,7 @@ class StageRunner:
         try:
             while not self._stopping:
                 self._deliver_control()
-                self.stage.before_batch()
+                self._before_batch()
                 # consume() is the batched form of poll(): it also serves the consumer's callbacks.
                 messages = self.consumer.consume(
                     num_messages=self.cfg.runner.batch_size, timeout=self.cfg.runner.batch_timeout_s
@@ -185,8 +204,10 @@ class StageRunner:
         return self.stats
 
     def _handle_batch(self, records: list[Any]) -> None:
+        batch_started = time.perf_counter()
         c = self.stats.counters
         c["consumed"] += len(records)
+        self.metrics.inc("sipstream_records_consumed_total", len(records), topic=records[0].topic())
         items: list[Item] = []
         sources: list[Any] = []
         for msg in records:
@@ -198,18 +219,21 @@ class StageRunner:
                 sources.append(msg)
 
         t0 = time.perf_counter()
-        for msg, outcome in zip(sources, self._process(items), strict=True):
+        produced = 0
+        for msg, item, outcome in zip(sources, items, self._process(items, sources), strict=True):
             if isinstance(outcome, _Failure):
-                self._deadletter(msg, outcome)
+                self._deadletter(msg, outcome, item)
                 continue
             bad = self._check_outputs(outcome)
             if bad is not None:
-                self._deadletter(msg, bad)
+                self._deadletter(msg, bad, item)
                 continue
             for out in outcome:
                 self._produce(self.stage.output_topic, out)  # type: ignore[arg-type]
             c["processed"] += 1
             c["produced"] += len(outcome)
+            produced += len(outcome)
+            self._log_processed(msg, item, outcome)
         c["process_seconds"] += time.perf_counter() - t0
 
         # Sync point: wait for every acknowledgement before committing (at-least-once).
@@ -222,8 +246,13 @@ class StageRunner:
             )
         self._commit(records)
         c["batches"] += 1
+        if produced and self.stage.output_topic:
+            self.metrics.inc("sipstream_records_produced_total", produced, topic=self.cfg.bus.topic(self.stage.output_topic))
+        self.metrics.observe("sipstream_batch_duration_seconds", time.perf_counter() - batch_started)
+        self._observe_stage()
+        self.log.debug("batch committed", records=len(records), produced=produced, **self._policy_version())
 
-    def _process(self, items: list[Item]) -> list[list[Item] | _Failure]:
+    def _process(self, items: list[Item], sources: list[Any]) -> list[list[Item] | _Failure]:
         """Run the stage on a batch; if the batch call fails, isolate the failing items one by one."""
         if not items:
             return []
@@ -234,13 +263,17 @@ class StageRunner:
             return list(outputs)
         except Exception as exc:  # noqa: BLE001 - a poison record must not stop the stream
             if len(items) > 1:
-                self.log.warning("batch failed, retrying items one by one", error=repr(exc)[:300])
+                self.log.warning("batch failed, retrying items one by one", error=repr(exc)[:300], items=len(items),
+                                 **self._policy_version())
             results: list[list[Item] | _Failure] = []
-            for item in items:
-                try:
-                    results.append(self.stage.process_batch([item])[0])
-                except Exception as item_exc:  # noqa: BLE001
-                    results.append(_Failure("process", f"{type(item_exc).__name__}: {item_exc}"[:2000]))
+            for item, msg in zip(items, sources, strict=True):
+                # Whatever the stage logs while handling this one item names it.
+                with structlog.contextvars.bound_contextvars(**record_fields(msg, item)):
+                    try:
+                        results.append(self.stage.process_batch([item])[0])
+                    except Exception as item_exc:  # noqa: BLE001
+                        self.metrics.inc("sipstream_processing_errors_total")
+                        results.append(_Failure("process", f"{type(item_exc).__name__}: {item_exc}"[:2000]))
             return results
 
     # ------------------------------------------------------------------ helpers
@@ -309,20 +342,49 @@ class StageRunner:
             on_delivery=self._on_delivery,
         )
 
-    def _deadletter(self, msg: Any, failure: _Failure) -> None:
+    def _deadletter(self, msg: Any, failure: _Failure, item: Item | None = None) -> None:
         record = deadletter_from_message(msg, stage=self.stage.name, instance=self.instance_id, error=failure.error,
                                          reason=failure.reason, limit=self.cfg.runner.deadletter_max_value_bytes)
         self._produce(T.DEADLETTER, record)
         self.stats.counters["deadlettered"] += 1
         self.stats.counters[f"deadlettered.{failure.error}"] += 1
-        self.log.warning(
-            "record dead-lettered",
-            error=failure.error,
-            reason=failure.reason[:300],
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
-        )
+        self.metrics.inc("sipstream_records_deadlettered_total", topic=msg.topic(), error=failure.error)
+        self.log.warning("record dead-lettered", error=failure.error, reason=failure.reason[:300],
+                         **record_fields(msg, item))
+
+    def _log_processed(self, msg: Any, item: Item, outputs: list[Item]) -> None:
+        """One debug event per record (`logging.level=debug`): where it was, which item, what came out."""
+        if not self._log_records:
+            return
+        fields = record_fields(msg, item)
+        if "policy_version" not in fields:
+            fields |= self._policy_version()
+        item_ids = [o["item_id"] for o in outputs if "item_id" in o]
+        if item_ids and "item_id" not in fields:  # split: a document became these items
+            fields["item_ids"] = item_ids[:20]
+        self.log.debug("record processed", outputs=len(outputs), **fields)
+
+    def _policy_version(self) -> dict[str, int]:
+        """The policy version the stage holds (rollout), for its events."""
+        version = getattr(self.stage, "policy_version", None)
+        return {} if version is None else {"policy_version": version}
+
+    def _before_batch(self) -> None:
+        """The stage's between-batches hook; a weights load it does is timed for /metrics."""
+        before = self._policy_version()
+        started = time.perf_counter()
+        self.stage.before_batch()
+        if self._policy_version() != before:
+            self.metrics.set("sipstream_model_load_seconds", time.perf_counter() - started)
+            self._observe_stage()
+
+    def _observe_stage(self) -> None:
+        """Copy the stage's own counters and policy version into /metrics (main thread: no races)."""
+        for name, total in self.stage.stage_counters().items():
+            if name == "policy_version":
+                self.metrics.set("sipstream_policy_version", total)
+            else:
+                self.metrics.sync_total("sipstream_stage_events_total", total, event=name)
 
     def _commit(self, records: list[Any]) -> None:
         from confluent_kafka import TopicPartition

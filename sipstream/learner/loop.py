@@ -293,6 +293,8 @@ class PairReader:
         # there is no group join to wait for (RESOURCES.md: several seconds on the embedded broker).
         self.consumer.assign([TopicPartition(self.topic, p, start[p]) for p in partitions])
         self.committed: dict[int, int] = {}
+        self.deadlettered: Counter[str] = Counter()
+        """Dead letters by failure class (for /metrics)."""
 
     def consume(self, count: int, timeout: float) -> list[Any]:
         """Up to `count` records (never more, so nothing is read ahead of the step that needs it)."""
@@ -330,6 +332,7 @@ class PairReader:
 
         self.produce(T.DEADLETTER, deadletter_from_message(msg, stage="learner", instance=self.instance_id, error=error,
                                                            reason=reason, limit=self.cfg.runner.deadletter_max_value_bytes))
+        self.deadlettered[error] += 1
         self.log.warning("record dead-lettered", error=error, reason=reason[:300], topic=msg.topic(),
                          partition=msg.partition(), offset=msg.offset())
 
@@ -439,8 +442,10 @@ def run_learner(
     """
     import torch
 
+    from sipstream.health import start_health_server
     from sipstream.learner.record import RunRecord
     from sipstream.manifest import tensors_sha256, tokenizer_sha256
+    from sipstream.metrics import ProcessMetrics
 
     lcfg = resolve_learner_config(cfg, learner)
     algo = ALGOS[lcfg.algo]
@@ -453,10 +458,13 @@ def run_learner(
     this_config = config_hash({"learner": lcfg.model_dump(mode="json"), "seed": cfg.seed,
                                "policy": cfg.models.policy.model_dump(mode="json")})
 
+    metrics = ProcessMetrics("learner", run=cfg.run_name, stage="learner")
     # --- set up: policy, reference, optimizer; then the latest checkpoint, if any ---
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    load_started = time.perf_counter()
     policy = build_policy(cfg.models.policy, lcfg, dist)
+    metrics.set("sipstream_model_load_seconds", time.perf_counter() - load_started)
     # The initial weights' hash, before any checkpoint is restored: what a replay must start from.
     initial_sha256 = tensors_sha256(unique_state_dict(policy.model)) if dist.is_main else ""
     if expect_initial_sha256 is not None and initial_sha256 != expect_initial_sha256:
@@ -507,6 +515,7 @@ def run_learner(
 
     def publish() -> None:
         assert reader is not None and store is not None
+        publish_started = time.perf_counter()
         tensors = unique_state_dict(policy.model, getattr(torch, lcfg.publish_dtype))
         publication = store.publish(tensors, state.version + 1, state.step,
                                     {"run_name": cfg.run_name, "algo": lcfg.algo, "config_hash": this_config})
@@ -518,6 +527,7 @@ def run_learner(
         if record is not None:
             record.published(publication.version, publication.step, publication.sha256, publication.uri)
         counters["published"] += 1
+        metrics.observe("sipstream_weights_publish_duration_seconds", time.perf_counter() - publish_started)
         log.info("weights published", policy_version=state.version, step=state.step, uri=publication.uri)
 
     def checkpoint_now() -> None:
@@ -531,11 +541,30 @@ def run_learner(
             {"optimizer": policy.optimizer.state_dict(), "scheduler": policy.scheduler.state_dict()},
             unique_state_dict(policy.reference) if refreshed else None, keep=lcfg.keep_checkpoints,
         )
-        log.info("checkpoint written", path=str(path), step=state.step)
+        log.info("checkpoint written", path=str(path), step=state.step, policy_version=state.version)
         write_manifest("running")
 
     gauges: dict[str, float | None] = {}
     interval_tokens, last_metrics = 0.0, time.monotonic()
+
+    def observe_metrics() -> None:
+        """/metrics from the loop's own counters and gauges (after each step; cheap)."""
+        for name, key in (("sipstream_learner_steps_total", "steps"), ("sipstream_learner_tokens_total", "tokens_trained"),
+                          ("sipstream_learner_pairs_trained_total", "pairs_trained"),
+                          ("sipstream_weights_published_total", "published")):
+            metrics.sync_total(name, counters[key])
+        if reader is not None:
+            metrics.sync_total("sipstream_records_consumed_total", counters["consumed"], topic=reader.topic)
+            for error, n in reader.deadlettered.items():
+                metrics.sync_total("sipstream_records_deadlettered_total", n, topic=reader.topic, error=error)
+        metrics.set("sipstream_policy_version", state.version)
+        metrics.set("sipstream_learner_loss", gauges.get("loss"))
+        metrics.set("sipstream_learner_reward_margin", gauges.get("reward_margin"))
+        metrics.set("sipstream_learner_tokens_per_second", gauges.get("tokens_per_s"))
+
+    def stopping() -> bool:
+        health.beat()  # called on every poll, also while waiting for pairs: the loop is alive
+        return stop_requested
 
     def publish_metrics(force: bool = False) -> None:
         nonlocal interval_tokens, last_metrics
@@ -550,6 +579,11 @@ def run_learner(
         reader.producer.poll(0)
         interval_tokens, last_metrics = 0.0, time.monotonic()
 
+    # /livez, /readyz, /metrics on rank 0 only (one port per machine). Started once set-up succeeded, so
+    # a failed start leaves no server behind; a Kubernetes startupProbe covers the model load.
+    health = start_health_server(cfg.runner.health_port if dist.is_main else None, cfg.runner.health_host,
+                                 metrics=metrics.text, stale_after_s=cfg.runner.health_stale_after_s)
+    observe_metrics()
     log.info("learner started", step=state.step, policy_version=state.version, world_size=dist.world_size,
              weight_store=weight_root, checkpoint_dir=str(checkpoint_dir))
     clean_exit = False
@@ -560,7 +594,7 @@ def run_learner(
             batch = None
             if reader is not None:
                 batch = consume_step(reader, state, seen, algo, lcfg, policy.tokenizer, policy.max_seq_tokens,
-                                     lambda: stop_requested)
+                                     stopping)
             batch = broadcast_object(batch, dist)
             if batch.end == "stop":
                 break  # a partial step is not trained and not accounted: it is re-read after a restart
@@ -590,7 +624,8 @@ def run_learner(
                 counters["tokens_trained"] += totals["tokens"]
                 counters["steps"] += 1
                 interval_tokens += totals["tokens"]
-                log.debug("step", step=state.step, loss=gauges["loss"], pairs=len(batch.examples))
+                log.debug("step", step=state.step, loss=gauges["loss"], pairs=len(batch.examples),
+                          policy_version=state.version)
             # The step's records are accounted only now: trained ones enter the dedupe window, and
             # every record looked at (trained or skipped) moves the resume position.
             for item_id in batch.item_ids:
@@ -610,8 +645,11 @@ def run_learner(
                     # --- commit: only offsets a checkpoint covers ---
                     reader.commit(state.positions)
             publish_metrics()
+            observe_metrics()
+            health.beat()
             if batch.end == "idle":
-                log.info("no pairs for idle_timeout_s; stopping", idle_timeout_s=lcfg.idle_timeout_s)
+                log.info("no pairs for idle_timeout_s; stopping", idle_timeout_s=lcfg.idle_timeout_s,
+                         policy_version=state.version)
                 break
         clean_exit = True
     finally:
@@ -626,6 +664,7 @@ def run_learner(
                 reader.flush("final metrics")  # their offsets belong in the manifest
                 write_manifest("finished")
         finally:
+            health.close()
             if record is not None:
                 record.close()
             if reader is not None:
