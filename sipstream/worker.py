@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 from sipstream.bus.embedded import resolve_bootstrap
 from sipstream.bus.runner import RunnerStats, StageRunner
@@ -22,8 +23,10 @@ def run_worker(
     if stage_name not in STAGES:
         raise UserError(f"unknown stage {stage_name!r}; choose one of: {', '.join(sorted(STAGES))}")
     bootstrap = resolve_bootstrap(cfg)
-    stage = build_stage(stage_name, cfg)
-    runner = StageRunner(stage, cfg, bootstrap, instance_id=instance_id, static_membership=static_membership)
+    load_started = time.perf_counter()
+    stage = build_stage(stage_name, cfg)  # loads the stage's model: the slow part of a worker's start
+    runner = StageRunner(stage, cfg, bootstrap, instance_id=instance_id, static_membership=static_membership,
+                         model_load_seconds=time.perf_counter() - load_started)
     # The handler only sets a flag: the loop finishes its batch, flushes, commits, then exits.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())

@@ -43,6 +43,13 @@ def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path: Path) -> N
         assert any(e.get("event") == "stage stopped" for e in events), stage
     assert (run_dir / "config.yaml").exists()
 
+    # The run archived what `sipstream report` draws from, and the report renders from a real run.
+    from sipstream.report import write_report
+
+    html = write_report(run_dir).read_text()
+    for png in ("reward.png", "curriculum.png", "learner.png"):
+        assert (run_dir / "report" / png).stat().st_size > 1000 and f'src="{png}"' in html
+
 
 def _pids_of(needle: str) -> list[int]:
     pids = []
