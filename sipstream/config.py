@@ -11,21 +11,35 @@ the paper swaps the letters K and N between its abstract and its text, so we nev
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from sipstream.errors import ConfigError
 from sipstream.learner.config import LearnerConfig
 from sipstream.models.config import JudgeSpec, ModelsConfig, RewriterSpec
 
 ENV_PREFIX = "SIPSTREAM_"
+#: A JSON mapping of config sections holding credentials (`{"bus": {"client": {"sasl.password": "..."}}}`),
+#: merged over the environment layer; how a parent process hands secrets to its children without
+#: writing them into the config file it gives them.
+SECRETS_ENV = "SIPSTREAM_SECRETS"
 # Environment variables with this prefix that are not config fields.
-ENV_RESERVED = {"SIPSTREAM_CONFIG", "SIPSTREAM_HOME"}
+ENV_RESERVED = {"SIPSTREAM_CONFIG", "SIPSTREAM_HOME", SECRETS_ENV}
 
 
 class StrictModel(BaseModel):
@@ -51,7 +65,9 @@ class BusConfig(StrictModel):
     bootstrap_servers: str | None = None
     """Kafka bootstrap servers (`host:port,...`). Unset: start and use the embedded broker."""
     client: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    """Extra librdkafka settings passed to every client (e.g. `security.protocol`, `sasl.mechanism`)."""
+    """Extra librdkafka settings passed to every client (e.g. `security.protocol`, `sasl.mechanism`). A value
+    written `${NAME}` is read from the environment variable NAME when a client is built, so a password
+    need not sit in the file; literal credentials are redacted from every dump of the config."""
     session_timeout_ms: int = Field(6000, ge=1000)
     """Consumer-group session timeout. Short because a group join waits about half of it (RESOURCES.md)."""
     topics_dir: Path | None = None
@@ -196,6 +212,78 @@ class Config(StrictModel):
         """True when no cluster is configured and the embedded broker is used."""
         return self.bus.bootstrap_servers is None
 
+    @model_serializer(mode="wrap", when_used="json")
+    def _redact_secrets(self, handler: Any) -> Any:
+        """Every JSON dump (run dir config, manifests, `sipstream config --show`) leaves credentials out;
+        python-mode dumps (`merged`) keep them, since they never leave the process."""
+        return redact(handler(self))
+
+
+# --------------------------------------------------------------------------- secrets
+
+REDACTED = "<redacted>"
+# Keys whose values are credentials, matched on whole words of the key: librdkafka's sasl.password,
+# ssl.key.password, ssl.keystore.password, sasl.oauthbearer.client.secret, and the usual names elsewhere
+# (aws_secret_access_key, api_key, token). `suffix_tokens` is no secret, and neither is `api_key_env`:
+# it names an environment variable, it does not hold the key.
+_SECRET_WORDS = {"password", "passwd", "secret", "token", "credential", "credentials", "apikey"}
+_SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "key")}
+_SECRET_KEYS = {"sasl.oauthbearer.config", "ssl.key.pem", "ssl.keystore.pem"}
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# user:password@ in a URL (s3://key:secret@bucket, https://user:pass@host).
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key (a field name or a librdkafka property) holds a credential."""
+    words = re.split(r"[._-]", key.lower())
+    if words[-1] == "env" or key.lower() in _SECRET_KEYS:
+        return key.lower() in _SECRET_KEYS
+    return bool(_SECRET_WORDS & set(words)) or any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+
+
+def env_reference(value: Any) -> str | None:
+    """NAME when `value` is written `${NAME}` (a secret read from the environment), else None."""
+    match = _ENV_REFERENCE.match(value) if isinstance(value, str) else None
+    return match.group(1) if match else None
+
+
+def redact(data: Any, key: str = "") -> Any:
+    """A copy of a dumped config with credentials replaced by `<redacted>`: values under secret-looking keys
+    (an `${NAME}` reference stays, it holds no secret) and the password of any URL."""
+    if isinstance(data, Mapping):
+        return {k: redact(v, str(k)) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [redact(v, key) for v in data]
+    if key and is_secret_key(key) and data not in (None, "") and not isinstance(data, bool) and env_reference(data) is None:
+        return REDACTED
+    if isinstance(data, str) and "://" in data:
+        return _URL_USERINFO.sub(REDACTED + "@", data)
+    return data
+
+
+def secret_values(data: Any) -> Any:
+    """Only the credentials of a python-mode config dump, in the same nesting (empty mapping: none); the
+    complement of `redact`, for `SIPSTREAM_SECRETS`."""
+    out: dict[str, Any] = {}
+    if not isinstance(data, Mapping):
+        return out
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            inner = secret_values(v)
+            if inner:
+                out[k] = inner
+        elif is_secret_key(str(k)) and v not in (None, "") and not isinstance(v, bool) and env_reference(v) is None or isinstance(v, str) and _URL_USERINFO.search(v):
+            out[k] = v
+    return out
+
+
+def secrets_env(cfg: Config) -> dict[str, str]:
+    """Environment for a child process that loads a redacted dump of `cfg`: the literal credentials as
+    `SIPSTREAM_SECRETS` (empty when there are none). `sipstream run` passes it to the workers it starts."""
+    secrets = secret_values(cfg.model_dump(mode="python"))
+    return {SECRETS_ENV: json.dumps(secrets)} if secrets else {}
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -301,6 +389,19 @@ def load_config(
         dotted = dotted.strip()
         _set_path(data, dotted, _parse_scalar(raw))
         origins[dotted] = f"--set {dotted}"
+
+    # Last: credentials a parent process handed down replace the `<redacted>` placeholders of the file it wrote.
+    if env.get(SECRETS_ENV):
+        try:
+            secrets = json.loads(env[SECRETS_ENV])
+        except json.JSONDecodeError:
+            secrets = None
+        if not isinstance(secrets, dict):
+            # Never echo the value: it holds credentials.
+            raise ConfigError(f"{SECRETS_ENV} must be a JSON object of config sections (its value is not shown)")
+        data = _deep_merge(data, secrets)
+        for section in secrets:
+            origins.setdefault(str(section), f"env {SECRETS_ENV}")
 
     try:
         return Config.model_validate(data)

@@ -7,10 +7,34 @@ a batch is acknowledged. Duplicates after a crash are removed downstream by `ite
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from sipstream.config import BusConfig
-from sipstream.errors import BrokerError
+from sipstream.config import REDACTED, BusConfig, env_reference
+from sipstream.errors import BrokerError, UserError
+
+
+def client_settings(bus: BusConfig, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`bus.client` as librdkafka gets it: security (security.protocol, sasl.mechanism, sasl.username,
+    sasl.password, ssl.ca.location, ...) and any other setting passed through unchanged, except that a
+    value written `${NAME}` is read from the environment here, at the last moment, so the secret never
+    sits in a config object that may be dumped."""
+    environ = os.environ if environ is None else environ
+    settings: dict[str, Any] = {}
+    for key, value in bus.client.items():
+        name = env_reference(value)
+        if name is not None:
+            if name not in environ:
+                raise UserError(f"bus.client.{key} refers to the environment variable {name}, which is not set")
+            value = environ[name]
+        elif value == REDACTED:
+            raise UserError(
+                f"bus.client.{key} was redacted from this config file; pass the credential through the environment "
+                "(a ${NAME} reference, or SIPSTREAM_SECRETS)"
+            )
+        settings[key] = value
+    return settings
 
 
 def _base(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
@@ -20,7 +44,7 @@ def _base(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
         "log.connection.close": False,
     }
     # Security and any other librdkafka setting the user passes (SASL/SCRAM, TLS, client.rack, ...).
-    conf.update(bus.client)
+    conf.update(client_settings(bus))
     return conf
 
 
@@ -38,7 +62,7 @@ def producer_config(bus: BusConfig, bootstrap: str, client_id: str = "sipstream"
             "message.max.bytes": 1_000_000,
         }
     )
-    conf.update(bus.client)  # user settings win
+    conf.update(client_settings(bus))  # user settings win
     return conf
 
 
@@ -67,7 +91,7 @@ def consumer_config(
     if instance_id:
         # Static membership: a restarted worker with the same id gets its partitions back without a rebalance.
         conf["group.instance.id"] = instance_id
-    conf.update(bus.client)
+    conf.update(client_settings(bus))  # user settings win
     return conf
 
 

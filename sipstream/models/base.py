@@ -9,6 +9,8 @@ of one. This module imports nothing heavy.
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -91,8 +93,52 @@ def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: safetensors header cap (the format's own parser refuses more than 100 MB).
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def safetensors_problem(head: bytes, total_size: int) -> str | None:
+    """Why a file is not a complete safetensors file (None when it is), from its first bytes and size.
+
+    Weights arrive by announcement on the bus, so only safetensors are ever parsed (never pickle, which
+    runs code on load). This check refuses a pickle, a truncated file or any other bytes before a parser
+    sees them: an 8-byte little-endian header length, a JSON object header, and tensor data offsets that
+    end exactly at the end of the file. `head` must hold at least the header (all bytes is fine)."""
+    if total_size < 8 or len(head) < 8:
+        return f"{total_size} bytes: too short for a safetensors header"
+    (header_size,) = struct.unpack("<Q", head[:8])
+    if header_size > _MAX_SAFETENSORS_HEADER or 8 + header_size > total_size:
+        return f"header length {header_size} does not fit a {total_size}-byte file (not safetensors, or truncated)"
+    if len(head) < 8 + header_size:
+        return None if header_size == 0 else "header not read"
+    try:
+        header = json.loads(head[8 : 8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"header is not JSON ({error}): not a safetensors file"
+    if not isinstance(header, dict):
+        return "header is not a JSON object: not a safetensors file"
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"tensor {name!r} has no valid data_offsets: not a safetensors file"
+        ends.append(offsets[1])
+    data_size = total_size - 8 - header_size
+    if max(ends, default=0) != data_size:
+        return f"tensor data needs {max(ends, default=0)} bytes, the file holds {data_size} (truncated or padded)"
+    return None
+
+
+def _require_safetensors(head: bytes, total_size: int, path_or_uri: str) -> None:
+    problem = safetensors_problem(head, total_size)
+    if problem is not None:
+        raise WeightsMismatchError(f"refusing weights {path_or_uri}: {problem}")
+
+
 def read_verified_weights(path_or_uri: str, sha256: str, scratch_dir: str | Path | None = None) -> bytes:
-    """The bytes of a weights file whose sha256 matches, read once.
+    """The bytes of a weights file whose sha256 matches and that is a complete safetensors file, read once.
 
     Reading into memory and hashing those bytes costs one pass over the file instead of two (hash,
     then load), which halves the reload time of a CPU policy; `safetensors.torch.load` parses them.
@@ -109,6 +155,7 @@ def read_verified_weights(path_or_uri: str, sha256: str, scratch_dir: str | Path
         raise WeightsMismatchError(
             f"refusing weights {path_or_uri}: sha256 is {actual_sha256}, the announcement says {sha256}"
         )
+    _require_safetensors(data, len(data), path_or_uri)
     return data
 
 
@@ -116,8 +163,8 @@ def fetch_weights_file(path_or_uri: str, sha256: str, scratch_dir: str | Path | 
     """Return a local path to the weights named by ``path_or_uri`` whose sha256 matches.
 
     Local paths and ``file://`` are used in place; any other fsspec URI (``s3://`` ...) is copied
-    into ``scratch_dir`` first. The check happens before any tensor is read, so a truncated or
-    tampered file never reaches the model.
+    into ``scratch_dir`` first. The checks (sha256, then the safetensors layout) happen before any
+    tensor is read, so a truncated, tampered or pickled file never reaches the model.
     """
     if "://" in path_or_uri and not path_or_uri.startswith("file://"):
         import tempfile
@@ -140,6 +187,11 @@ def fetch_weights_file(path_or_uri: str, sha256: str, scratch_dir: str | Path | 
         raise WeightsMismatchError(
             f"refusing weights {path_or_uri}: sha256 is {actual_sha256}, the announcement says {sha256}"
         )
+    with open(local_path, "rb") as file:
+        head = file.read(8)
+        if len(head) == 8:
+            head += file.read(min(struct.unpack("<Q", head)[0], _MAX_SAFETENSORS_HEADER))
+    _require_safetensors(head, local_path.stat().st_size, path_or_uri)
     return local_path
 
 

@@ -4,8 +4,11 @@ hosted APIs) for the judge and the rewriter.
 It uses the plain-text ``/v1/completions`` endpoint, not chat, because judge and rewriter prompts are
 documents to continue. Each prompt is its own request so each carries its own ``seed`` (the
 reproducibility contract: output i depends only on prompt i and seed i); up to ``concurrency``
-requests are in flight, and the server batches them. Timeouts, connection errors, 429 and 5xx are
-retried with exponential backoff; other 4xx answers are bugs or config errors and fail at once.
+requests are in flight, and the server batches them. Timeouts, connection errors, 429, 5xx and answers
+that are not a completion (garbage JSON from a proxy or a crashed server) are retried with exponential
+backoff, at most ``max_retries`` times; then :class:`BackendRequestError` says what happened last, and the
+stage runner dead-letters the item with that reason while the stream goes on. Other 4xx answers are bugs
+or config errors and fail at once.
 The API key is read from the environment variable named by ``api_key_env``, never from config.
 
 What needs server support beyond plain completion:
@@ -42,6 +45,19 @@ TOP_LOGPROBS = 20
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 T = TypeVar("T")
+
+
+def _not_a_completion(response: Any) -> str | None:
+    """Why a 200 answer is not a completions body (None when it is one): a crashed or misconfigured
+    server, or a proxy's error page, must not reach the judge's parser as if it were a verdict."""
+    try:
+        body = response.json()
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+        return f"HTTP 200 with a body that is not JSON ({error}): {response.text[:120]!r}"
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or "text" not in choices[0]:
+        return f"HTTP 200 without completion choices: {response.text[:120]!r}"
+    return None
 
 
 class OpenAIModel:
@@ -106,7 +122,11 @@ class OpenAIModel:
                 raise BackendRequestError(
                     f"{self.spec.base_url} refused the request (HTTP {response.status_code}): {response.text[:300]}"
                 )
-            return response.json()
+            problem = _not_a_completion(response)
+            if problem is None:
+                return response.json()
+            last_problem = problem
+            log.warning("server %s answered %s, attempt %d", self.spec.base_url, last_problem, attempt + 1)
         raise BackendRequestError(
             f"{self.spec.base_url} failed {self.spec.max_retries + 1} times; last: {last_problem}"
         )
