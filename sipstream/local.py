@@ -26,8 +26,9 @@ import yaml
 
 from sipstream.bus import topics as T
 from sipstream.bus.broker import EmbeddedBroker
+from sipstream.bus.client import client_settings
 from sipstream.bus.tail import TopicTail
-from sipstream.config import Config
+from sipstream.config import Config, secrets_env
 from sipstream.errors import UserError
 from sipstream.export import export_topic
 from sipstream.logs import get_logger
@@ -58,9 +59,10 @@ class LocalRunResult:
 class Child:
     """One supervised worker process; its output goes to `<run_dir>/logs/<name>.log`."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
+        self.env = env  # None: inherit ours
         self.log_path = log_dir / f"{name}.log"
         self.restarts = 0
         self.finished = False
@@ -70,7 +72,7 @@ class Child:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
         log.write(f"--- start {dt.datetime.now(dt.timezone.utc).isoformat()} argv={self.argv}\n".encode())
         log.flush()
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
 
     def crashed(self) -> int | None:
@@ -155,7 +157,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             broker = EmbeddedBroker(cfg.bus.embedded)
             bootstrap = broker.start()
         T.create_topics(cfg.bus, bootstrap, specs)
-        begin = topic_positions(bootstrap, cfg.bus, [t for t in T.CORE_TOPICS if t != T.METRICS])
+        begin = topic_positions(bootstrap, cfg.bus, list(T.CORE_TOPICS))
         print(f"run directory {run_dir}; broker {bootstrap}", flush=True)
 
         # Children get the resolved config, so --set and env overrides reach them too; the learner's
@@ -164,12 +166,14 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         child_cfg = cfg.model_dump(mode="json") | {"run_dir": str(run_dir)}
         cfg_file.write_text(yaml.safe_dump(child_cfg, sort_keys=False))
         common = ["--config", str(cfg_file), "--bootstrap-servers", bootstrap]
+        # config.yaml has its credentials redacted; children get them through the environment instead.
+        child_env = {**os.environ, **secrets_env(cfg)}
         for stage in PIPELINE:
             for k in range(cfg.local.workers_per_stage):
                 name = stage if cfg.local.workers_per_stage == 1 else f"{stage}-{k}"
                 argv = [sys.executable, "-m", "sipstream", "worker", stage, *common, "--instance-id", f"{name}-local"]
-                children.append(Child(name, argv, run_dir / "logs"))
-        learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs")
+                children.append(Child(name, argv, run_dir / "logs", env=child_env))
+        learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs", env=child_env)
         children.append(learner)
         for child in children:
             child.start()
@@ -197,7 +201,8 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         callbacks = {FINAL_TOPIC: on_pair, T.WEIGHTS: on_weights}
         for topic in (*STATUS_TOPICS, T.DEADLETTER, T.WEIGHTS):
             tails[topic] = TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions,
-                                     on_record=callbacks.get(topic), id_field="item_id" if topic != T.DOCUMENTS else None)
+                                     on_record=callbacks.get(topic), id_field="item_id" if topic != T.DOCUMENTS else None,
+                                     client=client_settings(cfg.bus))
         deadline = time.monotonic() + cfg.local.timeout_s
         interactive = sys.stdout.isatty()
         last_line = ""

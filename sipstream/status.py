@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sipstream.bus import topics as T
+from sipstream.bus.client import client_settings
 from sipstream.bus.lag import PIPELINE_STAGES, STAGE_INPUTS, CommittedOffsets, group_lag
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config
@@ -150,8 +151,8 @@ class StatusWatcher:
         self._deadletters: Counter[str] = Counter()
         self._latest_deadletters: deque[dict[str, Any]] = deque(maxlen=LATEST_DEADLETTERS)
         callbacks = {T.METRICS: self._on_metrics, T.WEIGHTS: self._on_weights, T.DEADLETTER: self._on_deadletter}
-        self._tails = {t: TopicTail(bootstrap, cfg.bus.topic(t), live[cfg.bus.topic(t)], on_record=callbacks.get(t))
-                       for t in self.topics}
+        self._tails = {t: TopicTail(bootstrap, cfg.bus.topic(t), live[cfg.bus.topic(t)], on_record=callbacks.get(t),
+                                    client=client_settings(cfg.bus)) for t in self.topics}
         self._committed = CommittedOffsets(admin_config(cfg.bus, bootstrap))
 
     def _on_metrics(self, record: Any) -> None:

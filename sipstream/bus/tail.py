@@ -22,7 +22,9 @@ class TopicTail:
         partitions: int,
         on_record: Callable[[dict], None] | None = None,
         id_field: str | None = None,
+        client: dict[str, Any] | None = None,
     ) -> None:
+        """`client`: extra librdkafka settings (security: SASL/TLS), e.g. `client_settings(cfg.bus)`."""
         from confluent_kafka import Consumer, TopicPartition
 
         self.topic = topic
@@ -32,11 +34,12 @@ class TopicTail:
         self.count = 0
         self.ids: set[str] = set()  # distinct values of `id_field` (at-least-once may repeat records)
         self._bootstrap = bootstrap
+        self._client = dict(client or {})
         self._probes: dict[str, Any] = {}  # group → consumer that reads its committed offsets (never joins)
         self.next_offsets: dict[int, int] = {}
         self._consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": f"sipstream-tail-{topic}", "enable.auto.commit": False,
-             "log.connection.close": False}
+             "log.connection.close": False, **self._client}
         )
         self._consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
 
@@ -70,7 +73,7 @@ class TopicTail:
         probe = self._probes.get(group)
         if probe is None:  # kept across calls: `sipstream run` asks every second
             probe = Consumer({"bootstrap.servers": self._bootstrap, "group.id": group, "enable.auto.commit": False,
-                              "log.connection.close": False})
+                              "log.connection.close": False, **self._client})
             self._probes[group] = probe
         committed = probe.committed([TopicPartition(self.topic, p) for p in self.next_offsets], timeout=10)
         return all(tp.offset >= self.next_offsets[tp.partition] for tp in committed)
