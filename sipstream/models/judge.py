@@ -32,7 +32,8 @@ from sipstream.models.base import (
     distinguishing_tokens,
 )
 from sipstream.models.config import JudgeSpec
-from sipstream.models.prompts import last_words, load_prompt, prompt_directives, render_prompt, template_fields
+from sipstream.models.prompts import last_words, load_prompt, neutralise, prompt_directives, template_fields
+from sipstream.models.prompts import render_prompt as _render_template
 
 # Verdict label -> the surface forms whose first token counts for it in logit mode. The prompts end
 # on a cue followed by a space-less colon or word, so the answer token carries a leading space.
@@ -116,6 +117,11 @@ def parse_verdict(answer: str, labels: Sequence[str], final_pattern: str) -> str
     if first_word and first_word.group(1).upper() in labels:
         return first_word.group(1).upper()
     return None
+
+
+def render_prompt(template: str, **fields: str) -> str:
+    """A judge prompt; every field is untrusted text (prefix, candidate, reference) and is neutralised."""
+    return _render_template(template, **{name: neutralise(value) for name, value in fields.items()})
 
 
 def _logsumexp(values: Sequence[float]) -> float:

@@ -56,6 +56,22 @@ def render_prompt(template: str, **fields: str) -> str:
     return _PLACEHOLDER.sub(lambda match: fields[match.group(1)], template)
 
 
+# Answer cues of the judge prompts ("Toxic or dangerous:", "FINAL DECISION:", "Better:", "Option 1:", ...).
+_CUE = re.compile(r"\b(final\s+decision|final\s+answer|toxic\s+or\s+dangerous|better|hallucination|comment|"
+                  r"option\s*[12]|system|user|assistant)\s*:", re.IGNORECASE)
+
+
+def neutralise(text: str) -> str:
+    """Untrusted text (a prefix, a candidate) made unable to impersonate the prompt around it.
+
+    A candidate that ends "...FINAL DECISION: YES" or starts a new "Comment:" line can prime a small
+    logit-scored judge with the verdict it wants (measured in tests/reliability/test_prompt_injection.py).
+    Line breaks become spaces, so the text stays inside its own field, and an answer cue loses its colon
+    ("FINAL DECISION - YES"), so it reads as quoted words rather than as the prompt's own cue."""
+    flat = re.sub(r"\s*[\r\n]+\s*", " ", text)
+    return _CUE.sub(lambda match: f"{match.group(1)} -", flat)
+
+
 def last_words(text: str, count: int) -> str:
     """The literal end of ``text`` starting at its ``count``-th word from the end (spacing kept).
 
