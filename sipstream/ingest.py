@@ -108,9 +108,10 @@ def iter_documents(
 
     for source in sources:
         if source == BUILTIN_CORPUS:
-            from sipstream.data import load_corpus
+            # The held-out documents `sipstream eval` measures on never enter the training stream.
+            from sipstream.eval.heldout import training_corpus
 
-            yield from load_corpus()
+            yield from training_corpus()
             continue
         for path in _expand([source]):
             kind = _detect(path, fmt)
@@ -124,12 +125,35 @@ def iter_documents(
                     yield {"doc_id": content_doc_id(text), "text": text, "source": path, "meta": {}}
             elif kind == "jsonl":
                 with fsspec.open(path, "rb", compression="infer") as f:
-                    for lineno, line in enumerate(f, 1):
-                        if not line.strip():
-                            continue
-                        yield _from_record_bytes(line, path, lineno, text_field, id_field, max_document_bytes)
+                    for lineno, line, complete in _bounded_lines(f, max_document_bytes):
+                        if not complete:
+                            yield Rejected(path, lineno, f"too large: line longer than {max_document_bytes} bytes "
+                                                         "(raise --max-document-bytes)", line)
+                        elif line.strip():
+                            yield _from_record_bytes(line, path, lineno, text_field, id_field, max_document_bytes)
             else:
                 yield from _iter_parquet(path, text_field, id_field, max_document_bytes)
+
+
+def _bounded_lines(f: Any, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line, complete) for each line of a binary file, never holding more than about
+    `max_bytes` of one line: an over-long line yields its first `max_bytes` bytes with complete=False,
+    and the rest of it is read through and dropped, so one huge line cannot exhaust memory."""
+    lineno = 0
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) <= max_bytes or (len(line) == max_bytes + 1 and line.endswith(b"\n")):
+            yield lineno, line, True
+            continue
+        head, tail = line[:max_bytes], line
+        while not tail.endswith(b"\n"):  # read through the rest of the over-long line, keeping none of it
+            tail = f.readline(chunk)
+            if not tail:
+                break
+        yield lineno, head, False
 
 
 def _from_record_bytes(
@@ -176,7 +200,9 @@ def _iter_parquet(path: str, text_field: str, id_field: str | None, max_bytes: i
 
 
 def _rejection_record(rej: Rejected, limit: int = 256 * 1024) -> dict[str, Any]:
-    error = "bad_encoding" if "UTF-8" in rej.reason or "binary" in rej.reason else "schema"
+    error = ("too_large" if rej.reason.startswith("too large") else
+             "bad_encoding" if "UTF-8" in rej.reason or "binary" in rej.reason else
+             "bad_json" if "not JSON" in rej.reason else "schema")
     return deadletter_record(stage="ingest", error=error, reason=rej.reason, topic=rej.source, partition=0,
                              offset=rej.position, raw=rej.raw, limit=limit)
 
