@@ -315,6 +315,88 @@ def run(
     run_local(_config(config, overrides, bootstrap_servers), sources=source)
 
 
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    bootstrap_servers: BootstrapOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON snapshot and exit (for scripts).")] = False,
+    once: Annotated[bool, typer.Option("--once", help="Print one snapshot and exit.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between readings (rates are measured over them).", min=0.1)] = 2.0,
+) -> None:
+    """Live view of a running system from the bus: throughput, consumer lag, dead letters, policy, learner."""
+    from sipstream.bus.embedded import resolve_bootstrap
+    from sipstream.status import run_status
+
+    cfg = _config(config, sets, bootstrap_servers)
+    run_status(cfg, resolve_bootstrap(cfg), as_json=as_json, once=once, interval_s=interval)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `sipstream run`.", show_default=False)],
+) -> None:
+    """Plot reward, curriculum, learner loss and evals of a run; write RUN_DIR/report/index.html."""
+    from sipstream.logs import configure_logging
+    from sipstream.report import write_report
+
+    configure_logging()
+    typer.echo(f"report: {write_report(run_dir)}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="start, a .safetensors file, a run directory or RUN_DIR@VERSION.")],
+    baseline: Annotated[str, typer.Option(help="Reference to compare against (same forms), or none.")] = "start",
+    config: ConfigOpt = None,
+    sets: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Override a config field, or an eval setting as eval.FIELD=VALUE (repeatable).",
+                     show_default=False),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write eval.json, eval.md and eval_samples.jsonl here.",
+                                                show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
+) -> None:
+    """Measure a policy against a baseline on held-out data: win rate, safety, factuality, quality."""
+    import json
+
+    from sipstream.eval.cli import eval_config_from_sets
+    from sipstream.eval.report import markdown_table
+    from sipstream.eval.run import evaluate
+
+    eval_cfg, config_sets = eval_config_from_sets(sets or [])
+    cfg = _config(config, config_sets)
+    result = evaluate(cfg, model, None if baseline.lower() == "none" else baseline, eval_cfg, out)
+    typer.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
+
+
+@app.command()
+def experiment(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML, e.g. configs/experiments/cpu.yaml.")],
+    sets: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Override an experiment field, e.g. --set seeds=[1] or --set steps=4.",
+                     show_default=False),
+    ] = None,
+    bootstrap_servers: BootstrapOpt = None,
+) -> None:
+    """Compare pretrain / nll / dpo from one starting checkpoint on the same stream, evaluate every arm.
+
+    Writes results.json, results.md and plots into a new directory under the experiment's out_dir.
+    """
+    from sipstream.config import LoggingConfig
+    from sipstream.experiment import load_experiment, run_experiment
+    from sipstream.logs import configure_logging
+
+    configure_logging(LoggingConfig())
+    exp = load_experiment(config, sets or [])
+    command = " ".join(["sipstream experiment", str(config), *(f"--set {s}" for s in sets or [])])
+    out = run_experiment(exp, command=command, bootstrap=bootstrap_servers)
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"results in {out}")
+
+
 def main() -> None:
     try:
         app(prog_name="sipstream")

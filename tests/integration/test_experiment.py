@@ -1,0 +1,86 @@
+"""`sipstream experiment` end to end with the tiny random GPT-2 (configs/experiments/smoke.yaml): the arms see the
+same pairs in the same order, make the same number of updates, and are evaluated; numbers are checked for shape
+and consistency only (a random model has no quality to measure)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sipstream.eval.heldout import is_heldout
+from sipstream.experiment import load_experiment, mean_interval, mixed_documents, run_experiment
+from sipstream.learner.consumption import read_log
+
+
+def test_mixed_documents_hold_the_configured_share_of_training_split_bad_passages() -> None:
+    exp = load_experiment("configs/experiments/cpu.yaml")
+    docs = mixed_documents(exp, seed=1)
+    assert len(docs) == exp.documents and docs == mixed_documents(exp, seed=1)  # seeded
+    kinds = [d["meta"]["injected"] for d in docs]
+    assert kinds.count("unsafe") == round(exp.unsafe_fraction * exp.documents)
+    assert kinds.count("false") == round(exp.false_fraction * exp.documents)
+    for doc in docs:
+        assert not is_heldout("corpus", doc["doc_id"].rsplit("-s", 1)[0])
+        probe_set = {"unsafe": "toxicity_prompts", "false": "false_claims"}.get(doc["meta"]["injected"])
+        assert all(not is_heldout(probe_set, pid) for pid in doc["meta"]["injected_from"])
+    assert mixed_documents(exp, seed=2) != docs
+
+
+def test_mean_interval_is_a_t_interval_clipped_for_rates() -> None:
+    out = mean_interval([0.2, 0.4, 0.6])
+    assert out["mean"] == pytest.approx(0.4) and out["ci95"] == pytest.approx([0.4 - 4.303 * 0.2 / 3 ** 0.5, 0.4 + 4.303 * 0.2 / 3 ** 0.5])
+    assert mean_interval([0.9, 1.0], (0.0, 1.0))["ci95"][1] == 1.0
+    assert mean_interval([0.5])["ci95"] is None
+
+
+@pytest.mark.slow
+def test_a_smoke_experiment_trains_every_arm_on_the_same_pairs_and_evaluates_them(tmp_path) -> None:
+    exp = load_experiment("configs/experiments/smoke.yaml", [f"out_dir={tmp_path}", "documents=2"])
+    out = run_experiment(exp, command="test")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["seeds"]) == {"1", "2"}
+    for seed, record in results["seeds"].items():
+        arms = record["arms"]
+        assert set(arms) == {"pretrain", "nll", "dpo"}
+        assert {a["steps"] for a in arms.values()} == {exp.steps}  # the same number of policy updates
+        sequences = {arm: [tuple(r) for e in read_log(__import__("pathlib").Path(a["run_dir"]) / "consumption.jsonl")
+                           for r in e["records"]] for arm, a in arms.items()}
+        # Same records in the same order, as far as the shortest arm read (algorithms skip differently).
+        shortest = min(len(s) for s in sequences.values())
+        assert shortest > 0 and len({tuple(s[:shortest]) for s in sequences.values()}) == 1
+        assert len({a["final_sha256"] for a in arms.values()}) == 3  # different losses → different weights
+        assert record["stream"]["pairs"] == record["items"] == 4
+        for arm in ("pretrain", "nll", "dpo"):
+            vs_start = record["evals"][arm]["vs_start"]
+            assert vs_start["win_rate"]["n"] == exp.evaluation["winrate_prompts"]
+            assert (out / f"seed{seed}" / arm / "eval-vs-start" / "eval.json").is_file()
+        assert "vs_pretrain" in record["evals"]["dpo"] and "vs_pretrain" not in record["evals"]["pretrain"]
+    summary = results["summary"]
+    assert summary["vs_start"]["dpo"]["win rate"]["n"] == 2 and summary["vs_start"]["dpo"]["win rate"]["ci95"]
+    markdown = (out / "results.md").read_text()
+    for arm in ("| start |", "| pretrain |", "| nll |", "| dpo |"):
+        assert arm in markdown
+    for png in results["plots"]:
+        assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke"])
+def test_the_shipped_experiment_configs_validate_with_their_base_configs(name: str) -> None:
+    from sipstream.config import load_config
+    from sipstream.eval import EvalConfig
+
+    exp = load_experiment(f"configs/experiments/{name}.yaml")
+    load_config(exp.base_config, exp.set)
+    EvalConfig(**exp.evaluation)
+
+
+def test_a_bad_experiment_config_is_one_clear_error(tmp_path) -> None:
+    from sipstream.errors import UserError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nbase_config: configs/smoke.yaml\nunsafe_fraction: 0.8\nfalse_fraction: 0.5\n")
+    with pytest.raises(UserError, match="unsafe_fraction \\+ false_fraction"):
+        load_experiment(path)
+    with pytest.raises(UserError, match="not found"):
+        load_experiment(tmp_path / "missing.yaml")
