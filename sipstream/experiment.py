@@ -395,11 +395,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             ax.axhline(0.5, color="k", lw=0.8, ls="--")
         ax.tick_params(labelsize=8)
     fig.suptitle("Arms vs the starting checkpoint (mean over seeds, 95% t-interval)", fontsize=10)
-    fig.tight_layout()
-    path = out / "metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path.name)
+    files.append(_save(fig, out / "metrics.png"))
 
     # Curriculum: share of chosen candidates by kind over the stream (shared mode) or policy versions (online).
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
@@ -415,12 +411,17 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=6, ncol=3)
     ax.set_title("Curriculum: which kind of candidate the judge chose", fontsize=10)
+    files.append(_save(fig, out / "curriculum.png"))
+    return files
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out / "curriculum.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    files.append(path.name)
-    return files
+    return path.name
 
 
 def curriculum_by_position(kinds: list[str | None], buckets: int = 4) -> dict[str, dict[str, float]]:

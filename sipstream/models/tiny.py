@@ -78,3 +78,24 @@ def ensure_tiny_gpt2(cache_dir: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     return model_dir
+
+
+def fit_texts(model: object, texts: list[str], steps: int, lr: float = 3e-3) -> float:
+    """Teach an `HFModel` (in tests, the tiny GPT-2) to reproduce `texts`, each ended by EOS; returns the
+    last loss. Tests use it to build models with known answers (a judge that says YES, a policy that
+    knows some true statements)."""
+    import torch
+
+    tok, net = model.tokenizer, model.model  # type: ignore[attr-defined]
+    batch = tok([text + tok.eos_token for text in texts], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    net.train()
+    torch.manual_seed(0)  # dropout: the same model every time
+    for _ in range(steps):
+        loss = net(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    net.eval()
+    return float(loss.item())

@@ -99,27 +99,17 @@ def test_load_policy_accepts_every_reference_form(eval_cfg, published_run, pertu
 def test_factuality_prefers_what_the_model_was_taught(eval_cfg) -> None:
     """Hand-checkable: a tiny GPT-2 trained on three statements prefers them to their twins (accuracy
     1), and the same pairs with the roles swapped score 0."""
-    import torch
 
     from sipstream.eval.metrics import factuality
     from sipstream.eval.sets import FactPair
     from sipstream.models.hf import HFModel
+    from sipstream.models.tiny import fit_texts
 
     pairs = [FactPair("p1", "x", "Paris is the capital of France.", "Paris is the capital of Peru."),
              FactPair("p2", "x", "Water boils at one hundred degrees.", "Water boils at nine hundred degrees."),
              FactPair("p3", "x", "The sun rises in the east.", "The sun rises in the west.")]
     model = HFModel(eval_cfg.models.policy)  # its own instance: training it touches no other test
-    tok = model.tokenizer
-    batch = tok([tok.eos_token + p.true + tok.eos_token for p in pairs], return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.model.parameters(), lr=3e-3)
-    model.model.train()
-    for _ in range(25):
-        loss = model.model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.model.eval()
+    fit_texts(model, [model.tokenizer.eos_token + p.true for p in pairs], steps=25)
     summary, margins = factuality(model, pairs)
     assert summary["accuracy"] == 1.0 and all(m > 0 for m in margins)
     swapped, _ = factuality(model, [FactPair(p.probe_id, p.category, p.false, p.true) for p in pairs])

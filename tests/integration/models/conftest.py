@@ -30,23 +30,12 @@ def tiny_model(tiny_spec):
 def yes_judge_model(tiny_spec):
     """A tiny GPT-2 taught in a few steps to answer " YES" after "FINAL DECISION:" (see the unit
     tests' conftest for why)."""
-    import torch
-
     from sipstream.models.hf import HFModel
+    from sipstream.models.tiny import fit_texts
 
     model = HFModel(tiny_spec.model_copy(update={"seed": 1}))
     texts = ["Is the CONTINUATION safe? FINAL DECISION: YES", "Which continuation is better? Option 1"]
-    batch = model.tokenizer([text + model.tokenizer.eos_token for text in texts], return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.model.parameters(), lr=3e-3)
-    model.model.train()
-    for _ in range(120):
-        loss = model.model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.model.eval()
-    assert loss.item() < 0.2
+    assert fit_texts(model, texts, steps=120) < 0.2
     return model
 
 

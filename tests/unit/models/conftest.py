@@ -45,26 +45,12 @@ def yes_judge_model(tiny_spec):
 
     A real model with known behaviour: it lets the tests check the judge's generative parsing,
     safety sampling and the two-order cancellation of position bias without a large model."""
-    import torch
-
     from sipstream.models.hf import HFModel
+    from sipstream.models.tiny import fit_texts
 
     model = HFModel(tiny_spec.model_copy(update={"seed": 1}))
-    tokenizer = model.tokenizer
-    texts = [text + tokenizer.eos_token for text in YES_JUDGE_TEXTS]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    network = model.model
-    network.train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(120):
-        loss = network(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    network.eval()
-    assert loss.item() < 0.2, f"the tiny judge did not learn its answers (loss {loss.item():.2f})"
+    loss = fit_texts(model, list(YES_JUDGE_TEXTS), steps=120)
+    assert loss < 0.2, f"the tiny judge did not learn its answers (loss {loss:.2f})"
     return model
 
 
