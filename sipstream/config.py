@@ -164,6 +164,11 @@ class LocalRunConfig(StrictModel):
     """`sipstream run` stops once this many items reached sip.pairs (unset: when every ingested item did)."""
     workers_per_stage: int = Field(1, ge=1, le=16)
     """Worker processes per stage (one consumer group each: they split the stage's partitions)."""
+    threads_per_process: int | None = Field(None, ge=1)
+    """torch/OpenMP threads of each child (OMP_NUM_THREADS). Unset: the cores shared out among the
+    model processes (rewrite, rollout, judge workers and the learner), at least 1, unless
+    OMP_NUM_THREADS is already set. Measured (benchmarks/results/suite.md): two rollout workers with
+    torch's default threads each on 2 cores ran at 0.40x of one worker, with one thread each at 4x."""
     max_restarts: int = Field(3, ge=0)
     """A crashed worker is restarted this many times before `sipstream run` gives up."""
 

@@ -125,6 +125,16 @@ def status_line(tails: dict[str, TopicTail], result: LocalRunResult, chosen: Cou
     return " | ".join(parts)
 
 
+def thread_env(cfg: Config, cores: int | None = None) -> dict[str, str]:
+    """OMP_NUM_THREADS for the children: more busy OpenMP threads than cores make every team wait."""
+    if cfg.local.threads_per_process is not None:
+        return {"OMP_NUM_THREADS": str(cfg.local.threads_per_process)}
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    model_processes = 3 * cfg.local.workers_per_stage + 1  # rewrite, rollout, judge workers + the learner
+    return {"OMP_NUM_THREADS": str(max(1, (cores or os.cpu_count() or 1) // model_processes))}
+
+
 def new_run_dir(cfg: Config) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run_dir) / f"{cfg.run_name}-{stamp}-{os.getpid()}"
@@ -167,7 +177,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         cfg_file.write_text(yaml.safe_dump(child_cfg, sort_keys=False))
         common = ["--config", str(cfg_file), "--bootstrap-servers", bootstrap]
         # config.yaml has its credentials redacted; children get them through the environment instead.
-        child_env = {**os.environ, **secrets_env(cfg)}
+        child_env = {**os.environ, **secrets_env(cfg), **thread_env(cfg)}
         for stage in PIPELINE:
             for k in range(cfg.local.workers_per_stage):
                 name = stage if cfg.local.workers_per_stage == 1 else f"{stage}-{k}"

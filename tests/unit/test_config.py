@@ -83,3 +83,17 @@ def test_topic_prefix_names_live_topics() -> None:
     assert cfg.bus.topic("sip.pairs") == "exp1.sip.pairs"
     with pytest.raises(ConfigError, match="bus.topic_prefix"):
         load_config(overrides=["bus.topic_prefix=bad prefix"], env={})
+
+
+def test_sipstream_run_shares_the_cores_out_among_its_model_processes(monkeypatch) -> None:
+    from sipstream.config import merged
+    from sipstream.local import thread_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = load_config(env={})
+    assert thread_env(cfg, cores=2) == {"OMP_NUM_THREADS": "1"}
+    assert thread_env(cfg, cores=16) == {"OMP_NUM_THREADS": "4"}  # 3 model stages + the learner
+    assert thread_env(merged(cfg, local={"workers_per_stage": 2}), cores=16) == {"OMP_NUM_THREADS": "2"}
+    assert thread_env(merged(cfg, local={"threads_per_process": 3}), cores=2) == {"OMP_NUM_THREADS": "3"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert thread_env(cfg, cores=2) == {}  # the user's setting stands
