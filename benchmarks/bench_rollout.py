@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import cProfile
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from benchmarks.context import ROOT, Context
-from benchmarks.measure import Section, interleaved_best
+from benchmarks.measure import Section, interleaved_best, profiled, top_functions
 
 TITLE = "Rollout: stage vs bare model.generate; 1 → 2 workers"
 TARGET = 0.8
@@ -220,12 +221,22 @@ def run(ctx: Context) -> Section:
         "share of the cores. Beyond that, scaling needs more cores or GPUs: the consumer group spreads partitions "
         "over however many workers there are.")
     if not met:
+        profiles = {}
+        for name, call in (("rollout stage", lambda: stage_loop(stage, items[:1], batch)),
+                           ("bare generate", lambda: bare_loop(policy, items[:1], k, batch))):
+            profile = cProfile.Profile()
+            with profiled(profile):
+                call()
+            profiles[name] = top_functions([profile], limit=8)
+            section.profiles[f"{name}, 1 item (tottime)"] = profiles[name]
         section.notes.append(
-            "Target not met: the stage samples with its own loop (one torch.Generator per row and an inverse-CDF "
-            "draw per step so that a row's text does not depend on its batch neighbours) where generate draws "
-            "from one global RNG; the per-step Python work (one generator call per row, concatenation of the "
-            "attention mask) shows when the model is tiny. What would fix it: draw all rows' uniforms with one "
-            "batched call (e.g. a counter-based generator seeded per row), preallocate the attention mask.")
+            "Target not met in this run. Compare the two profiles: if both sides make the same kernel calls "
+            "(linear, cat for the KV cache, attention) and the stage's own work (sample_next_tokens, tokenization, "
+            "grouping) is small, the gap is the same kernels running slower during the stage's turn, i.e. "
+            "contention from other jobs (torch's 2-thread OpenMP teams stall when another process takes a core), "
+            "and the fix is measuring on an idle machine or with OMP_NUM_THREADS=1 and more repeats. If the "
+            "stage's own work is large: draw all rows' uniforms with one batched call (a counter-based generator "
+            "seeded per row) and preallocate the attention mask instead of concatenating it every step.")
     return section
 
 

@@ -1,7 +1,7 @@
 """The benchmark suite: every section against its baseline, measured in the same run, on one broker.
 
     python -m benchmarks --quick            # tiny random models, ~1.5 min; CI runs it (writes to a temp dir)
-    python -m benchmarks                    # the real models of configs/tiny.yaml, ~25 min on 2 cores;
+    python -m benchmarks                    # the real models of configs/tiny.yaml (64 min on a shared 2-core machine);
                                             # writes benchmarks/results/suite.json and suite.md
     python -m benchmarks --only broker judge --out /tmp/bench
 
