@@ -1,4 +1,9 @@
-"""RecordFetcher without a broker: records by offset, and the one-line errors for lost ranges."""
+"""RecordFetcher without a broker: records by offset, and the one-line errors for lost ranges.
+
+A stand-in consumer is used here on purpose: a range lost to retention cannot be produced on the embedded
+broker (Tansu enforces no retention.ms and answers DeleteRecords by closing the connection; both were tried),
+and real Kafka cannot run on these machines. Reading by offset is also tested against the real broker in
+tests/integration/replay."""
 
 from __future__ import annotations
 
