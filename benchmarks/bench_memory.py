@@ -18,18 +18,9 @@ from pathlib import Path
 
 from benchmarks.context import ROOT, TINY, Context
 from benchmarks.measure import Section
+from sipstream.local import peak_rss_mb
 
 TITLE = "Memory: peak RSS per process of `sipstream run` (embedded default)"
-
-
-def vm_hwm_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def children(pid: int) -> list[tuple[int, str]]:
@@ -64,7 +55,7 @@ def run(ctx: Context) -> Section:
         while proc.poll() is None:
             for name, pid in [("supervisor (sipstream run)", proc.pid)] + [
                     ("broker (tansu)", child) for child, comm in children(proc.pid) if comm.startswith("tansu")]:
-                peak = vm_hwm_mb(pid)
+                peak = peak_rss_mb(pid)
                 if peak is not None:
                     peaks[name] = max(peaks.get(name, 0.0), peak)
             time.sleep(0.5)

@@ -56,6 +56,17 @@ class LocalRunResult:
     seconds: float = 0.0
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of process `pid` so far in MiB (Linux /proc VmHWM); None when unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class Child:
     """One supervised worker process; its output goes to `<run_dir>/logs/<name>.log`."""
 
@@ -85,16 +96,8 @@ class Child:
             return "(no log)"
 
     def peak_rss_mb(self) -> float | None:
-        """The process's peak resident memory so far (Linux /proc), for the run summary."""
-        if self.proc is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+        """The process's peak resident memory so far, for the run summary."""
+        return None if self.proc is None else peak_rss_mb(self.proc.pid)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         if self.proc is None:
