@@ -225,7 +225,9 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             tails[T.DOCUMENTS].poll()
             split_done = tails[T.DOCUMENTS].count >= result.ingested and tails[T.DOCUMENTS].committed_by(
                 f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
-            for tail in tails.values():
+            # Downstream topics first: an item counted downstream is then always counted upstream too, so
+            # no stage shows a negative backlog.
+            for tail in reversed(list(tails.values())):
                 tail.poll()
             result.items = len(tails[T.PREFIXES].ids)
             result.completed = len(pair_ids)
