@@ -19,6 +19,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A local S3 API (moto_server on 127.0.0.1) for the session; each test makes its own buckets."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sipstream.bus.broker import free_port, port_open
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not port_open("127.0.0.1", port, timeout=0.5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"moto_server did not listen on 127.0.0.1:{port} within 20 s")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="session")
 def broker() -> Iterator[Any]:
     from sipstream.bus.broker import EmbeddedBroker
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from sipstream.bus import topics as T
+from sipstream.bus.broker import free_port
 from sipstream.bus.runner import StageRunner
 from sipstream.config import merged
 from sipstream.metrics import documented_names
@@ -36,12 +36,6 @@ def _announcement(run_name: str, version: int, age_s: float) -> dict:
     created = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)
     return {"run_name": run_name, "version": version, "uri": f"file:///w/v{version}.safetensors", "sha256": "0" * 64,
             "step": version, "created_at": created.isoformat()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(port: int, path: str) -> str:
@@ -138,7 +132,7 @@ def _judged(i: int) -> dict:
 
 
 def test_a_worker_process_serves_documented_metrics_and_logs_json_per_record(bus) -> None:
-    port = _free_port()
+    port = free_port()
     bus.produce(T.JUDGED, [_judged(i) for i in range(5)])
     cmd = [sys.executable, "-m", "sipstream", "worker", "assemble", "--bootstrap-servers", bus.bootstrap,
            "--set", f"bus.topic_prefix={bus.cfg.bus.topic_prefix}", "--set", f"bus.group_prefix={bus.cfg.bus.group_prefix}",
@@ -189,7 +183,7 @@ def test_the_learner_serves_documented_metrics_and_status_shows_its_loss(bus, tm
     from sipstream.learner.loop import run_learner
     from sipstream.status import StatusWatcher
 
-    port = _free_port()
+    port = free_port()
     cfg = merged(bus.cfg, run_dir=str(tmp_path / "runs"),
                  runner={"health_port": port, "metrics_interval_s": 0.1},
                  models={"policy": {"source": "tiny-gpt2", "device": "cpu", "max_prompt_tokens": 64}})

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +17,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 FIGURES_FILE = "reliability-figures.json"
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def rss_mb(pid: int | None = None) -> float:
     """Resident memory of a process now (Linux /proc), in MiB."""
     for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
@@ -43,22 +26,10 @@ def rss_mb(pid: int | None = None) -> float:
 
 
 @pytest.fixture(scope="session")
-def moto_s3() -> Iterator[dict[str, str]]:
-    """A local S3 (moto_server on 127.0.0.1) and the AWS_* environment that points Tansu and s3fs at it."""
-    from sipstream.bus.broker import free_port
-
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_port(port)
-        yield {"AWS_ENDPOINT": endpoint, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "reliability",
-               "AWS_SECRET_ACCESS_KEY": "reliability-secret", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ALLOW_HTTP": "true"}
-    finally:
-        server.terminate()
-        server.wait(10)
+def moto_s3(moto_endpoint: str) -> dict[str, str]:
+    """The AWS_* environment that points Tansu and s3fs at the session's local S3 (tests/conftest.py)."""
+    return {"AWS_ENDPOINT": moto_endpoint, "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "reliability",
+            "AWS_SECRET_ACCESS_KEY": "reliability-secret", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
 
 
 @pytest.fixture

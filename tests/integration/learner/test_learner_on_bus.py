@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -88,39 +87,16 @@ def test_stale_pairs_are_dropped_and_counted(bus, tiny_cfg, tmp_path, make_pair)
 # --------------------------------------------------------------------------- s3 through moto
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def moto_s3(monkeypatch):
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+def moto_s3(monkeypatch, moto_endpoint):
     for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_ENDPOINT_URL": endpoint}.items():
+                        "AWS_ENDPOINT_URL": moto_endpoint}.items():
         monkeypatch.setenv(name, value)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        import s3fs
+    import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("weights")
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(10)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(endpoint_url=moto_endpoint).mkdir("weights")
+    return moto_endpoint
 
 
 def test_weights_to_s3_and_a_worker_loads_them(bus, tiny_cfg, tmp_path, make_pair, moto_s3) -> None:
