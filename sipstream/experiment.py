@@ -401,11 +401,10 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for seed, data in results["seeds"].items():
         curve = data.get("curriculum") or {}
+        xs = sorted(int(x) for x in curve)  # keys are strings: position buckets or policy versions
         for kind, style in (("original", "-"), ("rewrite", "--"), ("rollout", ":")):
-            xs = sorted(int(x) for x in curve)
             if xs:
-                ax.plot(xs, [curve[str(x)].get(kind, 0.0) if str(x) in curve else curve[x].get(kind, 0.0) for x in xs],
-                        style, label=f"{kind} (seed {seed})")
+                ax.plot(xs, [curve[str(x)].get(kind, 0.0) for x in xs], style, label=f"{kind} (seed {seed})")
     ax.set_xlabel(results.get("curriculum_axis", "position in stream"))
     ax.set_ylabel("share of chosen candidates")
     ax.set_ylim(0, 1)
