@@ -71,7 +71,11 @@ def test_kill_9_of_a_worker_the_learner_and_the_s3_broker_loses_nothing(tmp_path
     proc = subprocess.Popen(
         [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
          "--max-documents", str(DOCUMENTS), "--set", f"run_dir={tmp_path}", "--set", f"bus.bootstrap_servers={bootstrap}",
-         "--set", "local.max_restarts=6", "--set", "runner.batch_size=4"],
+         "--set", "local.max_restarts=6", "--set", "runner.batch_size=4",
+         # Torch's own thread count per child (2 here), not `sipstream run`'s one-per-process share: with one
+         # thread each the tiny models finish the whole run inside the supervisor's first ~15 s status read,
+         # before any status line shows the run in flight, and no fault could be injected mid-run.
+         "--set", "local.threads_per_process=2"],
         stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
     )
     lines: list[tuple[float, str]] = []
@@ -102,7 +106,8 @@ def test_kill_9_of_a_worker_the_learner_and_the_s3_broker_loses_nothing(tmp_path
             time.sleep(0.2)
         assert proc.wait(timeout=300) == 0, "".join(l for _, l in lines)[-2000:] + (tmp_path / "run.stderr").read_text()[-3000:]
         reader.join(10)
-        assert {"rollout", "learner", "broker"} <= set(faults), f"faults injected: {sorted(faults)}; the run ended first"
+        assert {"rollout", "learner", "broker"} <= set(faults), (f"faults injected: {sorted(faults)}; the run ended first; its status lines:\n"
+                                                     + "".join(line for _, line in lines if line.startswith("items"))[-3000:])
 
         # `sipstream run` stops once every item reached sip.pairs, with the learner's last partial step untrained
         # (by design: re-read after a restart). Restart the learner once more from its checkpoint to drain.
