@@ -51,6 +51,12 @@ def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path: Path) -> N
         assert (run_dir / "report" / png).stat().st_size > 1000 and f'src="{png}"' in html
 
 
+# Kill tests run the children with torch's own thread count (2 here) rather than `sipstream run`'s
+# one-thread share: with one thread each the tiny run can finish inside the supervisor's first (~15 s)
+# status read, and the test never sees the run in flight to kill a worker ("killed []").
+KILL_WINDOW_THREADS = "local.threads_per_process=2"
+
+
 def _pids_of(needle: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -70,7 +76,7 @@ def test_a_crashed_worker_is_restarted_and_nothing_is_lost(tmp_path: Path) -> No
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
-         "--set", f"run_dir={tmp_path}"],
+         "--set", f"run_dir={tmp_path}", "--set", KILL_WINDOW_THREADS],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
     )
     deadline = time.monotonic() + 120
@@ -103,7 +109,7 @@ def test_two_workers_per_stage_one_of_each_killed_every_item_reaches_pairs_once(
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
-         "--workers", "2", "--max-documents", "16", "--set", f"run_dir={tmp_path}"],
+         "--workers", "2", "--max-documents", "16", "--set", f"run_dir={tmp_path}", "--set", KILL_WINDOW_THREADS],
         stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "w"), text=True,  # noqa: SIM115
         env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
     )
