@@ -222,13 +222,15 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         while True:
             # Order matters: check that split committed everything *before* reading its output, since
             # split commits only after its items are acknowledged, the poll below then sees them all.
-            tails[T.DOCUMENTS].poll()
+            tails[T.DOCUMENTS].poll(0.05)
             split_done = tails[T.DOCUMENTS].count >= result.ingested and tails[T.DOCUMENTS].committed_by(
                 f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
             # Downstream topics first: an item counted downstream is then always counted upstream too, so
             # no stage shows a negative backlog.
+            # Short waits: an idle topic costs 50 ms, so a status round takes about a second and
+            # --max-items stops the run close to its bound.
             for tail in reversed(list(tails.values())):
-                tail.poll()
+                tail.poll(0.05)
             result.items = len(tails[T.PREFIXES].ids)
             result.completed = len(pair_ids)
             result.deadlettered = tails[T.DEADLETTER].count
@@ -259,7 +261,7 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             if time.monotonic() > deadline:
                 raise UserError(f"run timed out after {cfg.local.timeout_s:.0f}s with {result.completed}/{result.items} "
                                 "items done (raise local.timeout_s or lower local.max_documents)")
-            time.sleep(1.0)
+            time.sleep(0.5)
         if interactive:
             print(flush=True)
         # The pipeline is done: stop its workers, then the learner, which publishes its last weights.
