@@ -152,6 +152,18 @@ class JudgeSpec(BaseModel):
     """The prefix shown to the judge is cut to its last words so the prompt fits a small judge's
     context; the instruction text is never truncated."""
 
+    quality_coherence_weight: float = Field(default=0.0, ge=0, le=1)
+    """Share of each pairwise quality vote given to the judge model's own evidence that a candidate
+    follows from its prefix: the pointwise mutual information log p(candidate | prefix) −
+    log p(candidate), summed over the candidate's tokens and compared between the two options through
+    a logistic (``quality_coherence_scale``). 0 (the default) is the paper's pairwise prompt alone. A
+    small judge cannot tell the true continuation from a fluent passage of another scene (Gemma-270M:
+    0.46 on judge-eval's off-topic pairs) while PMI can, and PMI does not reward bland or repetitive
+    text the way raw likelihood does. Costs two scoring passes per candidate, not per pair."""
+
+    quality_coherence_scale: float = Field(default=10.0, gt=0)
+    """Coherence vote = sigmoid((PMI_1 − PMI_2) / scale): a difference of this many nats gives 0.73."""
+
 
 class RewriterSpec(BaseModel):
     """How the rewriter proposes a better suffix (see DESIGN.md, "Rewriter")."""

@@ -10,6 +10,11 @@ As in the paper (DESIGN.md, "What the paper fixes"):
 - *factuality* is pointwise against the original suffix: no / possible / definite hallucination
   scores 1 / 0.5 / 0.
 
+Optionally (``quality_coherence_weight``, set in the CPU default) each pairwise quality vote is blended
+with a *coherence vote* from the judge model's likelihoods: the candidate whose text the prefix makes
+more probable than it is on its own (higher pointwise mutual information) wins it. This rescues a
+small judge on continuations that are fluent but belong elsewhere; see :meth:`Judge.coherence`.
+
 Two ways to read a verdict. ``logits`` (default, CPU): one forward pass per prompt reads the
 next-token probabilities of the verdict words (P(YES) / (P(YES) + P(NO)), P("1") vs P("2"), the
 expected factuality score), so every score is a probability, not a coin flip. ``generate`` (large
@@ -48,6 +53,9 @@ FACTUALITY_SCORES = {"NONE": 1.0, "POSSIBLE": 0.5, "DEFINITE": 0.0}
 # Where a generative judge states its verdict: the paper's "FINAL DECISION:"/"FINAL ANSWER:" and the
 # answer cues of the shipped prompts ("Better: Option 2", "Toxic or dangerous: NO").
 _VERDICT_CUE = r"(?:FINAL DECISION|FINAL ANSWER|Better|Toxic or dangerous|Hallucination):"
+# What the coherence vote conditions on for "no prefix": a line break, a neutral start for any tokenizer
+# (an empty prompt leaves the first token of a BOS-less tokenizer without context).
+_NO_PREFIX = "\n"
 # Inputs that carry no content, for calibrating the logit-scored safety verdict.
 _CONTENT_FREE_TEXTS = ("N/A", "", "[MASK]")
 
@@ -278,10 +286,35 @@ class Judge:
                                             _VERDICT_CUE + r"\s*\**\s*(?:Option\s*)?({labels})\b")
         return [1.0 if verdict == "1" else 0.0 for verdict in verdicts]
 
+    def coherence(self, prefixes: list[str], candidates: list[str]) -> list[float]:
+        """How much the prefix explains each candidate, in nats: the pointwise mutual information
+        log p(candidate | prefix) − log p(candidate), summed over the candidate's tokens, read from the
+        judge model itself (two scoring passes per candidate).
+
+        A continuation that belongs to the text scores high; jumbled words, another scene's passage or
+        a fragment score lower. Unlike raw likelihood it does not favour bland or repetitive text,
+        which is probable with or without the prefix."""
+        if not candidates:
+            return []
+        shown = [self._shown_prefix(prefix) for prefix in prefixes]
+        conditional = self.model.logprobs(shown, list(candidates))
+        unconditional = self.model.logprobs([_NO_PREFIX] * len(candidates), list(candidates))
+        return [with_prefix - alone for with_prefix, alone in zip(conditional, unconditional)]
+
+    def _coherence_vote(self, first: float, second: float) -> float:
+        """Probability that the first of two candidates wins on coherence (their PMI, in nats)."""
+        margin = max(-60.0, min(60.0, (first - second) / self.spec.quality_coherence_scale))
+        return 1.0 / (1.0 + math.exp(-margin))
+
+    def _blend(self, prompt_vote: float, coherence_vote: float) -> float:
+        weight = self.spec.quality_coherence_weight
+        return (1.0 - weight) * prompt_vote + weight * coherence_vote
+
     def pairwise_quality(self, prefixes: list[str], firsts: list[str], seconds: list[str],
                          seeds: list[int]) -> list[float]:
         """Quality of ``firsts[i]`` against ``seconds[i]``: its mean win probability over the two
-        orders (2 prompts per pair). Above 0.5 means the judge prefers the first."""
+        orders (2 prompts per pair), blended with the coherence vote when
+        ``quality_coherence_weight`` > 0. Above 0.5 means the judge prefers the first."""
         prompts, prompt_seeds = [], []
         for prefix, first, second, seed in zip(prefixes, firsts, seconds, seeds):
             shown_prefix = self._shown_prefix(prefix)
@@ -290,7 +323,12 @@ class Judge:
                                              option_1=option_1.strip(), option_2=option_2.strip()))
                 prompt_seeds.append(derive_seed(seed, "quality", len(prompt_seeds) % 2))
         option1_wins = self._quality_option1_wins(prompts, prompt_seeds)
-        return [(option1_wins[2 * index] + 1.0 - option1_wins[2 * index + 1]) / 2 for index in range(len(firsts))]
+        votes = [(option1_wins[2 * index] + 1.0 - option1_wins[2 * index + 1]) / 2 for index in range(len(firsts))]
+        if self.spec.quality_coherence_weight == 0:
+            return votes
+        coherence = self.coherence(list(prefixes) * 2, list(firsts) + list(seconds))
+        return [self._blend(vote, self._coherence_vote(coherence[index], coherence[len(firsts) + index]))
+                for index, vote in enumerate(votes)]
 
     def factuality_scores(self, prefixes: list[str], references: list[str], candidates: list[str],
                           seeds: list[int]) -> list[float]:
@@ -327,6 +365,11 @@ class Judge:
                                     [derive_seed(requests[r].seed, "safety", c) for r, c in pointwise_index])
         factuality_seeds = [derive_seed(requests[r].seed, "factuality", c) for r, c in pointwise_index]
         factuality = self.factuality_scores(prefixes, references, candidates, factuality_seeds)
+        use_coherence = self.spec.quality_coherence_weight > 0
+        coherence = self.coherence(prefixes, candidates) if use_coherence else []
+        offsets = [0]
+        for request in requests:
+            offsets.append(offsets[-1] + len(request.candidates))
 
         # Pairwise prompts: every ordered pair, so each pair is seen in both orders.
         pairs = [(request_index, first, second)
@@ -345,6 +388,9 @@ class Judge:
         win_sums = [[0.0] * len(request.candidates) for request in requests]
         comparisons = [[0] * len(request.candidates) for request in requests]
         for (r, first, second), first_wins in zip(pairs, option1_wins):
+            if use_coherence:
+                first_wins = self._blend(first_wins, self._coherence_vote(coherence[offsets[r] + first],
+                                                                          coherence[offsets[r] + second]))
             win_sums[r][first] += first_wins
             win_sums[r][second] += 1.0 - first_wins
             comparisons[r][first] += 1
@@ -374,5 +420,7 @@ class Judge:
                 scores.append(CandidateScores(quality, candidate_safety, candidate_factuality, total, gated))
             n = len(request.candidates)
             safety_prompts = n * (self.spec.safety_samples if self.spec.mode == "generate" else 1)
-            results.append(JudgeResult(scores=scores, pairwise_calls=n * (n - 1), pointwise_calls=safety_prompts + n))
+            coherence_passes = 2 * n if use_coherence else 0
+            results.append(JudgeResult(scores=scores, pairwise_calls=n * (n - 1),
+                                       pointwise_calls=safety_prompts + n + coherence_passes))
         return results

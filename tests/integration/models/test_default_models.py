@@ -92,3 +92,17 @@ def test_default_judge_eval_meets_the_safety_target_on_a_sample(gemma):
     report = run_judge_eval(Judge(gemma), criteria=("safety",), limit=40)
     assert report.safety_items == 40
     assert report.safety_auc >= 0.85
+
+
+@needs_gemma
+def test_default_judge_eval_meets_the_quality_target_on_a_sample(gemma):
+    # The judge as the CPU default configures it: the pairwise prompt blended with the coherence vote.
+    from sipstream.config import load_config
+    from sipstream.models.judge import Judge
+    from sipstream.models.judge_eval import SPOIL_KINDS, run_judge_eval
+
+    spec = load_config(None).judge
+    assert spec.quality_coherence_weight > 0
+    report = run_judge_eval(Judge(gemma, spec), criteria=("quality",), limit=24)
+    assert report.quality_pairs == 24 and set(report.quality_accuracy_by_spoil) == set(SPOIL_KINDS)
+    assert report.quality_accuracy >= 0.8, report.quality_accuracy_by_spoil

@@ -108,6 +108,61 @@ def test_a_fully_position_biased_judge_gives_equal_quality(yes_judge_model):
     assert qualities == pytest.approx([0.5] * len(CANDIDATES), abs=0.02)
 
 
+def test_coherence_is_the_pmi_of_the_models_own_logprobs(tiny_model):
+    judge = Judge(tiny_model, JudgeSpec(quality_coherence_weight=0.5))
+    got = judge.coherence([PREFIX, PREFIX], CANDIDATES[:2])
+    expected = [tiny_model.logprobs([PREFIX], [candidate])[0] - tiny_model.logprobs(["\n"], [candidate])[0]
+                for candidate in CANDIDATES[:2]]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert judge.coherence([], []) == []
+
+
+def test_the_coherence_vote_decides_what_a_position_biased_prompt_cannot(yes_judge_model):
+    # This judge always answers "Option 1", so its prompt votes cancel to 0.5: the blend moves a pair
+    # exactly by the coherence vote, a logistic of the PMI difference.
+    import math
+
+    judge = Judge(yes_judge_model, JudgeSpec(quality_coherence_weight=0.5, quality_coherence_scale=4.0))
+    banana = CANDIDATES[1]
+    quality = judge.pairwise_quality([PREFIX] * 2, [ORIGINAL, banana], [banana, ORIGINAL], [0, 1])
+    pmi = judge.coherence([PREFIX] * 2, [ORIGINAL, banana])
+    vote = 1.0 / (1.0 + math.exp(-(pmi[0] - pmi[1]) / 4.0))
+    assert abs(vote - 0.5) > 0.05  # the two candidates differ in coherence
+    assert quality[0] == pytest.approx(0.5 * 0.5 + 0.5 * vote, abs=0.01)
+    assert quality[0] + quality[1] == pytest.approx(1.0, abs=1e-6)  # symmetric in the order asked
+
+
+def test_coherence_prefers_the_continuation_that_belongs_to_the_prefix(tiny_spec):
+    # A model that knows one text: its true continuation beats the same words jumbled and a passage
+    # from elsewhere, which a 270M judge's prompt cannot tell apart (judge-eval off-topic 0.46).
+    from sipstream.models.hf import HFModel
+    from sipstream.models.tiny import fit_texts
+
+    model = HFModel(tiny_spec.model_copy(update={"seed": 2}))
+    assert fit_texts(model, [PREFIX + ORIGINAL], steps=120) < 0.2
+    judge = Judge(model, JudgeSpec(quality_coherence_weight=1.0))
+    jumbled = " " + " ".join(reversed(ORIGINAL.split()))
+    elsewhere = " Some years ago, never mind how long precisely, having little or no money in my purse,"
+    pmi = judge.coherence([PREFIX] * 3, [ORIGINAL, jumbled, elsewhere])
+    assert pmi[0] > max(pmi[1], pmi[2])
+    quality = judge.pairwise_quality([PREFIX] * 2, [ORIGINAL] * 2, [jumbled, elsewhere], [0, 1])
+    assert min(quality) > 0.5
+
+
+def test_coherence_in_score_many_keeps_the_bookkeeping(tiny_model):
+    judge = Judge(tiny_model, JudgeSpec(quality_coherence_weight=0.5, unsafe_never_outranks_safe=False))
+    requests = [JudgeRequest(PREFIX, ORIGINAL, tuple(CANDIDATES), seed=1),
+                JudgeRequest("Call me Ishmael.", " Some years ago", (" Some years ago", " I sailed."), seed=2)]
+    together = judge.score_many(requests)
+    n = len(CANDIDATES)
+    assert together[0].pointwise_calls == 2 * n + 2 * n  # safety + factuality, then two coherence passes each
+    assert sum(scores.quality for scores in together[0].scores) / n == pytest.approx(0.5)
+    alone = [judge.score_many([request])[0] for request in requests]
+    for batched, single in zip(together, alone):
+        for a, b in zip(batched.scores, single.scores):
+            assert a.total == pytest.approx(b.total, abs=1e-5)
+
+
 def test_logit_safety_reads_the_yes_probability(yes_judge_model, tiny_model, paper_prompts_dir):
     paper_judge = Judge(yes_judge_model, JudgeSpec(calibrate=False, prompts_dir=paper_prompts_dir))
     trained = paper_judge.safety_scores([PREFIX] * 2, CANDIDATES[:2], [0, 1])
