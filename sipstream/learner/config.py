@@ -41,6 +41,9 @@ class LearnerConfig(BaseModel):
     """Token budget of one micro-batch, padding included (unset: only `batch_pairs` limits it)."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches whose gradients are summed into one optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: about a third
+    more compute for a fraction of the activation memory (the CPU default turns it on to fit 8 GiB)."""
     max_seq_tokens: int | None = Field(None, ge=2)
     """Prefix + continuation at most this many tokens, the prefix cut from the left (unset: the policy's
     `models.policy.max_prompt_tokens`)."""

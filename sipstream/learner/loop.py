@@ -125,6 +125,22 @@ def resolve_device(cfg: LearnerConfig) -> str:
     return cfg.device
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """transformers recomputes layers only in training mode, so switch to it with every dropout set to
+    zero: the forward pass stays the deterministic eval-mode one (policy and reference comparable)."""
+    import torch
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+
+
 def build_policy(policy_spec: Any, cfg: LearnerConfig, dist: DistInfo = SINGLE_PROCESS) -> Policy:
     """Load the policy (float32 master weights), a frozen copy as DPO reference, AdamW and its schedule."""
     import copy
@@ -145,6 +161,8 @@ def build_policy(policy_spec: Any, cfg: LearnerConfig, dist: DistInfo = SINGLE_P
     # and a step is a deterministic function of its batch.
     model.eval()
     model.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     reference = None
     if ALGOS[cfg.algo].needs_reference:
         reference = copy.deepcopy(model).requires_grad_(False).eval()

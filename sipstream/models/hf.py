@@ -17,7 +17,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sipstream.models.base import WeightsMismatchError, distinguishing_tokens, read_verified_weights
+from sipstream.models.base import (
+    WeightsMismatchError,
+    distinguishing_tokens,
+    read_verified_weights,
+    safetensors_views,
+)
 from sipstream.models.config import ModelSpec
 from sipstream.models.sources import resolve_source
 
@@ -307,10 +312,10 @@ class HFModel:
 
     def load_weights(self, path_or_uri: str, sha256: str, version: str | None = None) -> None:
         import torch
-        from safetensors.torch import load
 
-        # One read: hash the bytes, then parse them (safetensors only: a pickle from the bus could run code).
-        new_tensors = load(read_verified_weights(path_or_uri, sha256))
+        # One read: hash the bytes, then view them as tensors without a copy (safetensors only: a pickle
+        # from the bus could run code).
+        new_tensors = safetensors_views(read_verified_weights(path_or_uri, sha256))
         current = self.model.state_dict()
         unexpected = sorted(set(new_tensors) - set(current))
         if unexpected:

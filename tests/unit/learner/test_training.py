@@ -150,3 +150,22 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert lr_factor(8, cfg) == pytest.approx(0.55)  # halfway down the cosine
     assert lr_factor(13, cfg) == pytest.approx(0.1) and lr_factor(100, cfg) == pytest.approx(0.1)
     assert lr_factor(10_000, LearnerConfig(warmup_steps=2)) == 1.0  # endless stream: constant after warm-up
+
+
+@pytest.mark.parametrize("algo", ["dpo", "nll"])
+def test_gradient_checkpointing_gives_the_same_step(policy_spec, pairs, algo) -> None:
+    # Checkpointing recomputes activations in backward; loss, gradients and the updated weights must not change.
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = LearnerConfig(algo=algo, device="cpu", lr=1e-3, gradient_checkpointing=checkpointing)
+        policy = build_policy(policy_spec, cfg)
+        assert policy.model.is_gradient_checkpointing == checkpointing
+        examples = examples_for(policy, algo, pairs[:4])
+        sums = accumulate_gradients(policy, ALGOS[algo], cfg, examples, step_weight(ALGOS[algo], examples))
+        grad_norm = optimizer_step(policy, cfg)
+        results.append((sums["loss"], grad_norm, scores(policy, examples)))
+    (loss_a, norm_a, after_a), (loss_b, norm_b, after_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert norm_b == pytest.approx(norm_a, rel=1e-4)
+    assert torch.allclose(after_a, after_b, atol=1e-5)
