@@ -152,8 +152,10 @@ def worker(
     max_batches: Annotated[Optional[int], typer.Option(help="Stop after this many batches.", show_default=False)] = None,
 ) -> None:
     """Run one stage as a stream processor until Ctrl-C / SIGTERM."""
+    from sipstream.lifeline import die_with_supervisor
     from sipstream.worker import run_worker
 
+    die_with_supervisor()
     cfg = _config(config, sets, bootstrap_servers)
     run_worker(cfg, stage, instance_id=instance_id, static_membership=static, max_batches=max_batches)
 
@@ -223,6 +225,9 @@ def learner(
     for key, value in (("algo", algo), ("max_steps", max_steps), ("idle_timeout_s", idle_timeout)):
         if value is not None:
             overrides.append(f"learner.{key}={value}")
+    from sipstream.lifeline import die_with_supervisor
+
+    die_with_supervisor()
     cfg = _config(config, overrides, bootstrap_servers)
     run_learner(cfg, resolve_bootstrap(cfg), instance_id=instance_id)
 

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from sipstream.bus.tail import TopicTail
 from sipstream.config import Config, secrets_env
 from sipstream.errors import UserError
 from sipstream.export import export_topic
+from sipstream.lifeline import SUPERVISOR_ENV, terminate_as_interrupt
 from sipstream.logs import get_logger
 from sipstream.manifest import pipeline_manifest, topic_positions
 
@@ -52,6 +54,12 @@ class LocalRunResult:
     policy_versions: list[int] = field(default_factory=list)
     restarts: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    # The whole run (supervisor, broker, every child) sampled every few seconds: the peak of the summed
+    # resident memory, and of the summed proportional set size (shared library pages counted once,
+    # split between the processes that map them: what the run really takes from the machine).
+    peak_total_rss_mb: float = 0.0
+    peak_total_pss_mb: float = 0.0
+    first_update_s: float | None = None  # from the start of `run_local` to the first published weights
     exit_codes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -65,6 +73,40 @@ def peak_rss_mb(pid: int) -> float | None:
     except OSError:
         pass
     return None
+
+
+def memory_mb(pid: int) -> tuple[float, float] | None:
+    """Current resident and proportional set size of process `pid` in MiB (Linux
+    /proc/<pid>/smaps_rollup); None when unreadable (the process is gone, or not Linux)."""
+    rss = pss = None
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None if rss is None or pss is None else (rss, pss)
+
+
+class MemorySampler:
+    """Sums the memory of a set of processes, at most every `interval_s`, and keeps the peaks."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self.interval_s = interval_s
+        self.peak_rss_mb = 0.0
+        self.peak_pss_mb = 0.0
+        self._last = -float("inf")
+
+    def sample(self, pids: list[int]) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        readings = [reading for reading in map(memory_mb, pids) if reading is not None]
+        self.peak_rss_mb = max(self.peak_rss_mb, sum(rss for rss, _ in readings))
+        self.peak_pss_mb = max(self.peak_pss_mb, sum(pss for _, pss in readings))
 
 
 class Child:
@@ -128,14 +170,44 @@ def status_line(tails: dict[str, TopicTail], result: LocalRunResult, chosen: Cou
     return " | ".join(parts)
 
 
+MODEL_STAGES = frozenset({"rewrite", "rollout", "judge"})
+
+
+def process_groups(cfg: Config) -> list[list[str]]:
+    """The pipeline's stages grouped into worker processes: `local.colocate`'s groups, every other stage
+    alone, in pipeline order of each group's first stage."""
+    seen: set[str] = set()
+    for group in cfg.local.colocate:
+        unknown = [name for name in group if name not in PIPELINE]
+        if unknown or len(group) < 2:
+            raise UserError(f"local.colocate group {group}: list two or more of {', '.join(PIPELINE)}"
+                            + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
+        if seen & set(group):
+            raise UserError(f"local.colocate puts {sorted(seen & set(group))} in two groups; each stage runs once")
+        seen |= set(group)
+    groups = [sorted(group, key=PIPELINE.index) for group in cfg.local.colocate]
+    groups += [[name] for name in PIPELINE if name not in seen]
+    return sorted(groups, key=lambda group: PIPELINE.index(group[0]))
+
+
 def thread_env(cfg: Config, cores: int | None = None) -> dict[str, str]:
     """OMP_NUM_THREADS for the children: more busy OpenMP threads than cores make every team wait."""
     if cfg.local.threads_per_process is not None:
         return {"OMP_NUM_THREADS": str(cfg.local.threads_per_process)}
     if "OMP_NUM_THREADS" in os.environ:
         return {}
-    model_processes = 3 * cfg.local.workers_per_stage + 1  # rewrite, rollout, judge workers + the learner
+    # Processes with a model: the rewrite, rollout and judge workers (fewer when colocated) + the learner.
+    model_groups = sum(1 for group in process_groups(cfg) if MODEL_STAGES & set(group))
+    model_processes = model_groups * cfg.local.workers_per_stage + 1
     return {"OMP_NUM_THREADS": str(max(1, (cores or os.cpu_count() or 1) // model_processes))}
+
+
+def learner_env(cfg: Config, child_env: dict[str, str]) -> dict[str, str]:
+    """The learner's environment: the children's, plus glibc's mmap threshold when configured."""
+    env = dict(child_env)
+    if cfg.local.learner_malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(cfg.local.learner_malloc_mmap_threshold)
+    return env
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -150,6 +222,9 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
     from sipstream.ingest import BUILTIN_CORPUS, Rejected, iter_documents, produce_documents
 
     log = get_logger(component="run")
+    process_groups(cfg)  # a bad local.colocate fails before anything starts
+    if threading.current_thread() is threading.main_thread():
+        terminate_as_interrupt()  # `kill`, `timeout`, `docker stop`: the same orderly stop as Ctrl-C
     run_dir = new_run_dir(cfg)
     result = LocalRunResult(run_dir=str(run_dir))
     started = time.monotonic()
@@ -180,13 +255,15 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         cfg_file.write_text(yaml.safe_dump(child_cfg, sort_keys=False))
         common = ["--config", str(cfg_file), "--bootstrap-servers", bootstrap]
         # config.yaml has its credentials redacted; children get them through the environment instead.
-        child_env = {**os.environ, **secrets_env(cfg), **thread_env(cfg)}
-        for stage in PIPELINE:
+        child_env = {**os.environ, **secrets_env(cfg), **thread_env(cfg), SUPERVISOR_ENV: str(os.getpid())}
+        for group in process_groups(cfg):
+            stages = "+".join(group)  # `sipstream worker rewrite+judge`: one process, a thread per stage
             for k in range(cfg.local.workers_per_stage):
-                name = stage if cfg.local.workers_per_stage == 1 else f"{stage}-{k}"
-                argv = [sys.executable, "-m", "sipstream", "worker", stage, *common, "--instance-id", f"{name}-local"]
+                name = stages if cfg.local.workers_per_stage == 1 else f"{stages}-{k}"
+                argv = [sys.executable, "-m", "sipstream", "worker", stages, *common, "--instance-id", f"{name}-local"]
                 children.append(Child(name, argv, run_dir / "logs", env=child_env))
-        learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs", env=child_env)
+        learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs",
+                        env=learner_env(cfg, child_env))
         children.append(learner)
         for child in children:
             child.start()
@@ -210,6 +287,8 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         def on_weights(announcement: dict) -> None:
             if announcement.get("run_name") == cfg.run_name:
                 result.policy_versions.append(announcement["version"])
+                if result.first_update_s is None:
+                    result.first_update_s = round(time.monotonic() - started, 1)
 
         callbacks = {FINAL_TOPIC: on_pair, T.WEIGHTS: on_weights}
         for topic in (*STATUS_TOPICS, T.DEADLETTER, T.WEIGHTS):
@@ -217,6 +296,11 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
                                      on_record=callbacks.get(topic), id_field="item_id" if topic != T.DOCUMENTS else None,
                                      client=client_settings(cfg.bus))
         deadline = time.monotonic() + cfg.local.timeout_s
+        sampler = MemorySampler()
+
+        def run_pids() -> list[int]:
+            pids = [os.getpid(), *(child.proc.pid for child in children if child.proc is not None)]
+            return pids + ([broker.process.pid] if broker is not None and broker.process is not None else [])
         interactive = sys.stdout.isatty()
         last_line = ""
         while True:
@@ -234,6 +318,9 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             result.items = len(tails[T.PREFIXES].ids)
             result.completed = len(pair_ids)
             result.deadlettered = tails[T.DEADLETTER].count
+            sampler.sample(run_pids())
+            result.peak_total_rss_mb = round(sampler.peak_rss_mb, 1)
+            result.peak_total_pss_mb = round(sampler.peak_pss_mb, 1)
             line = status_line(tails, result, chosen, recent_rewards)
             if line != last_line:
                 print(("\r" + line[:200]) if interactive else line, end="" if interactive else "\n", flush=True)
@@ -291,10 +378,12 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         result.seconds = time.monotonic() - started
         (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
     log.info("run finished", **{k: v for k, v in asdict(result).items() if k != "run_dir"})
+    first_update = "—" if result.first_update_s is None else f"{result.first_update_s:.0f}s"
     print(
         f"done: {result.ingested} documents → {result.items} items; {result.completed} reached {FINAL_TOPIC}, "
         f"{result.deadlettered} dead-lettered; policy versions published: {len(result.policy_versions)}; "
-        f"{result.seconds:.1f}s (summary in {run_dir}/summary.json)",
+        f"{result.seconds:.1f}s; first update after {first_update}; peak memory {result.peak_total_pss_mb / 1024:.1f} GiB "
+        f"(PSS; RSS {result.peak_total_rss_mb / 1024:.1f} GiB) (summary in {run_dir}/summary.json)",
         flush=True,
     )
     return result

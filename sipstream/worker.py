@@ -1,8 +1,14 @@
-"""`sipstream worker STAGE`: one stage on the shared runner, stopped gracefully by SIGTERM/SIGINT."""
+"""`sipstream worker STAGE`: one stage on the shared runner, stopped gracefully by SIGTERM/SIGINT.
+
+`sipstream worker rewrite+judge` runs several stages in one process, each on its own thread with its own
+runner (consumer group, commits, metrics), sharing the models they have in common: the laptop default
+puts rewrite and judge together so the judge model is loaded once.
+"""
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 from sipstream.bus.embedded import resolve_bootstrap
@@ -10,6 +16,18 @@ from sipstream.bus.runner import RunnerStats, StageRunner
 from sipstream.config import Config
 from sipstream.errors import UserError
 from sipstream.stages import STAGES, build_stage
+
+
+def parse_stages(spec: str) -> list[str]:
+    """`rewrite+judge` → ["rewrite", "judge"], each a known stage, none twice."""
+    names = [name.strip() for name in spec.split("+")]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown or not names:
+        raise UserError(f"unknown stage {', '.join(map(repr, unknown)) or repr(spec)}; choose from: "
+                        f"{', '.join(sorted(STAGES))} (join several with '+', e.g. rewrite+judge)")
+    if len(set(names)) != len(names):
+        raise UserError(f"stage listed twice in {spec!r}")
+    return names
 
 
 def run_worker(
@@ -20,14 +38,73 @@ def run_worker(
     static_membership: bool = False,
     max_batches: int | None = None,
 ) -> RunnerStats:
-    if stage_name not in STAGES:
-        raise UserError(f"unknown stage {stage_name!r}; choose one of: {', '.join(sorted(STAGES))}")
+    names = parse_stages(stage_name)
+    if len(names) > 1:
+        return run_stages(cfg, names, instance_id=instance_id, static_membership=static_membership,
+                          max_batches=max_batches)[-1]
     bootstrap = resolve_bootstrap(cfg)
     load_started = time.perf_counter()
-    stage = build_stage(stage_name, cfg)  # loads the stage's model: the slow part of a worker's start
+    stage = build_stage(names[0], cfg)  # loads the stage's model: the slow part of a worker's start
     runner = StageRunner(stage, cfg, bootstrap, instance_id=instance_id, static_membership=static_membership,
                          model_load_seconds=time.perf_counter() - load_started)
     # The handler only sets a flag: the loop finishes its batch, flushes, commits, then exits.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())
     return runner.run(max_batches=max_batches)
+
+
+def run_stages(
+    cfg: Config,
+    names: list[str],
+    *,
+    instance_id: str | None = None,
+    static_membership: bool = False,
+    max_batches: int | None = None,
+) -> list[RunnerStats]:
+    """Several stages in this process, one thread and runner each; returns their stats in order.
+
+    A health port other than 0 is shared out as port, port+1, ... in the order given. If one runner
+    fails, the others are stopped and the error is raised (the process exits non-zero, so a supervisor
+    restarts the group)."""
+    from sipstream.stages.models import serialise_shared_models
+
+    serialise_shared_models()
+    bootstrap = resolve_bootstrap(cfg)
+    runners: list[StageRunner] = []
+    for index, name in enumerate(names):
+        stage_cfg = cfg
+        port = cfg.runner.health_port
+        if port:
+            stage_cfg = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"health_port": port + index})})
+        load_started = time.perf_counter()
+        stage = build_stage(name, stage_cfg)  # a model already loaded by an earlier stage is reused
+        runners.append(StageRunner(stage, stage_cfg, bootstrap, instance_id=instance_id and f"{instance_id}-{name}",
+                                   static_membership=static_membership,
+                                   model_load_seconds=time.perf_counter() - load_started))
+
+    def stop_all(*_: object) -> None:
+        for runner in runners:
+            runner.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_all)
+    results: list[RunnerStats | None] = [None] * len(runners)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = runners[index].run(max_batches=max_batches)
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which re-raises it
+            errors.append(error)
+            stop_all()
+
+    threads = [threading.Thread(target=run, args=(index,), name=f"stage-{name}", daemon=True)
+               for index, name in enumerate(names)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # join with a timeout: the main thread keeps handling signals
+            thread.join(timeout=0.5)
+    if errors:
+        raise errors[0]
+    return [result for result in results if result is not None]

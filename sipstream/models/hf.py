@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Most logit values one scoring pass materialises (float32: 128 MiB), whatever the batch size.
+_LOGITS_BUDGET = 32 * 1024 * 1024
+
+
 def _chunks(count: int, size: int) -> Iterator[range]:
     for start in range(0, count, size):
         yield range(start, min(start + size, count))
@@ -256,15 +260,25 @@ class HFModel:
     def logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        encoded = [self.encode(text)[: self.spec.max_prompt_tokens - 1] for text in continuations]
         results: list[float] = []
         for batch in _chunks(len(prompts), self.spec.batch_size):
-            results.extend(self._logprobs_batch([prompts[i] for i in batch], [continuations[i] for i in batch]))
+            # Logits are (rows, continuation positions, vocabulary): for Gemma's 262k-token vocabulary and
+            # 128-token continuations that is 135 MB per row, so rows are taken a few at a time.
+            positions = max(len(encoded[i]) for i in batch) + 1
+            rows_per_pass = max(1, _LOGITS_BUDGET // (positions * self.vocab_size))
+            for start in range(0, len(batch), rows_per_pass):
+                part = batch[start:start + rows_per_pass]
+                results.extend(self._logprobs_batch([prompts[i] for i in part], [encoded[i] for i in part]))
         return results
 
-    def _logprobs_batch(self, prompts: list[str], continuations: list[str]) -> list[float]:
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def _logprobs_batch(self, prompts: list[str], continuation_rows: list[list[int]]) -> list[float]:
         import torch
 
-        continuation_rows = [self.encode(text)[: self.spec.max_prompt_tokens - 1] for text in continuations]
         rows = [
             self.prompt_ids(prompt, reserve=len(continuation)) + continuation
             for prompt, continuation in zip(prompts, continuation_rows)
@@ -281,6 +295,7 @@ class HFModel:
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 logits_to_keep=longest_continuation + 1,
+                use_cache=False,  # one pass: a key/value cache would only cost memory
             ).logits[:, :-1, :]
             target_ids = input_ids[:, -longest_continuation:]
             target_mask = torch.zeros_like(target_ids, dtype=torch.float32)
@@ -302,7 +317,8 @@ class HFModel:
                 # logits_to_keep=1: the judge needs only the next-token distribution, which saves
                 # the (positions × vocab) projection for every prompt token.
                 logits = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+                    use_cache=False,
                 ).logits[:, -1, :]
                 log_probs = torch.log_softmax(logits.float(), dim=-1)[:, option_index]
             results.extend(log_probs.tolist())

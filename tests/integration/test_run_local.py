@@ -164,3 +164,67 @@ def test_max_items_bounds_a_run(tmp_path: Path) -> None:
     assert 4 <= summary["completed"] < 100, summary
     assert summary["policy_versions"] == [1]  # --max-steps 1: one optimizer step, one publication
     assert all(code == 0 for code in summary["exit_codes"].values())
+
+
+@pytest.mark.slow
+def test_colocated_stages_run_as_threads_of_one_process(tmp_path: Path) -> None:
+    # The laptop default's layout (configs/tiny.yaml) on the tiny models: rewrite and judge share one
+    # process and its judge model, split rides with rollout.
+    result = subprocess.run(
+        [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
+         "--set", f"run_dir={tmp_path}", "--set", "local.colocate=[[rewrite, judge], [split, rollout]]"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    children = {"split+rollout", "rewrite+judge", "assemble", "learner"}
+    assert summary["exit_codes"] == {name: 0 for name in children}
+    assert summary["completed"] == summary["items"] == 12 and summary["deadlettered"] == 0
+    assert summary["peak_total_pss_mb"] > 0 and summary["first_update_s"] is not None
+    for group in ("split+rollout", "rewrite+judge"):  # each stage of a group ran and stopped gracefully
+        events = [json.loads(line) for line in (run_dir / "logs" / f"{group}.log").read_text().splitlines()
+                  if line.startswith("{")]
+        assert {e.get("stage") for e in events if e.get("event") == "stage stopped"} == set(group.split("+"))
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_no_child_outlives_sipstream_run(tmp_path: Path, how: str) -> None:
+    """SIGTERM (`kill`, `timeout`, `docker stop`) stops a run like Ctrl-C: workers, learner and broker
+    all exit. SIGKILL of the supervisor takes its workers and learner with it (parent-death signal)."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
+         "--max-documents", "40", "--set", f"run_dir={tmp_path}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
+    )
+    try:
+        def children() -> list[int]:
+            run_dirs = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
+            return _pids_of(f"{run_dirs[0]}/config.yaml") if run_dirs else []
+
+        assert _wait_for(lambda: len(children()) == len(CHILDREN), 120), "the run's children did not start"
+        started = children()
+        proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=120)
+        assert _wait_for(lambda: not set(started) & set(children()), 60), f"still running after {how}: {children()}"
+        if how == "SIGTERM":
+            assert proc.returncode == 130  # the Ctrl-C path: children stopped, broker stopped, summary written
+            (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
+            assert json.loads((run_dir / "summary.json").read_text())["exit_codes"].keys() == CHILDREN
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -92,8 +92,47 @@ def test_sipstream_run_shares_the_cores_out_among_its_model_processes(monkeypatc
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cfg = load_config(env={})
     assert thread_env(cfg, cores=2) == {"OMP_NUM_THREADS": "1"}
-    assert thread_env(cfg, cores=16) == {"OMP_NUM_THREADS": "4"}  # 3 model stages + the learner
-    assert thread_env(merged(cfg, local={"workers_per_stage": 2}), cores=16) == {"OMP_NUM_THREADS": "2"}
+    # The default colocates rewrite+judge and split+rollout: 2 model processes + the learner.
+    assert thread_env(cfg, cores=16) == {"OMP_NUM_THREADS": "5"}
+    assert thread_env(merged(cfg, local={"workers_per_stage": 2}), cores=16) == {"OMP_NUM_THREADS": "3"}
+    # One process per stage: 3 model stages + the learner.
+    assert thread_env(merged(cfg, local={"colocate": []}), cores=16) == {"OMP_NUM_THREADS": "4"}
     assert thread_env(merged(cfg, local={"threads_per_process": 3}), cores=2) == {"OMP_NUM_THREADS": "3"}
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert thread_env(cfg, cores=2) == {}  # the user's setting stands
+
+
+def test_colocated_stages_form_process_groups_in_pipeline_order() -> None:
+    from sipstream.config import merged
+    from sipstream.errors import UserError
+    from sipstream.local import process_groups
+
+    cfg = load_config(env={})
+    assert process_groups(merged(cfg, local={"colocate": []})) == [[s] for s in ("split", "rewrite", "rollout", "judge", "assemble")]
+    assert process_groups(merged(cfg, local={"colocate": [["judge", "rewrite"]]})) == [
+        ["split"], ["rewrite", "judge"], ["rollout"], ["assemble"]]
+    for bad, message in (([["rewrite", "jugde"]], "jugde is not one"), ([["rewrite"]], "two or more"),
+                         ([["rewrite", "judge"], ["judge", "assemble"]], "in two groups")):
+        with pytest.raises(UserError, match=message):
+            process_groups(merged(cfg, local={"colocate": bad}))
+
+
+def test_worker_stage_lists_are_checked() -> None:
+    from sipstream.errors import UserError
+    from sipstream.worker import parse_stages
+
+    assert parse_stages("rewrite+judge") == ["rewrite", "judge"]
+    assert parse_stages("rollout") == ["rollout"]
+    with pytest.raises(UserError, match="unknown stage 'rewrit'.*rewrite\\+judge"):
+        parse_stages("rewrit+judge")
+    with pytest.raises(UserError, match="twice"):
+        parse_stages("judge+judge")
+
+
+def test_the_learner_alone_gets_the_malloc_threshold() -> None:
+    from sipstream.config import merged
+    from sipstream.local import learner_env
+
+    cfg = load_config(env={})
+    assert learner_env(cfg, {"A": "1"}) == {"A": "1", "MALLOC_MMAP_THRESHOLD_": "4194304"}  # configs/tiny.yaml
+    assert learner_env(merged(cfg, local={"learner_malloc_mmap_threshold": None}), {"A": "1"}) == {"A": "1"}
