@@ -32,7 +32,7 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["config", "--set", "runner.batch_size=0"], {}, "runner.batch_size: Input should be greater than or equal to 1"),
         (["config", "--config", "/no/such.yaml"], {}, "config file not found: /no/such.yaml"),
         (["config"], {"SIPSTREAM_RUNER__BATCH_SIZE": "3"}, "runer: unknown field"),
-        (["worker", "nope"], {}, "unknown stage 'nope'; choose one of: assemble, echo, judge, rewrite, rollout, split"),
+        (["worker", "nope"], {}, "unknown stage 'nope'; choose from: assemble, echo, judge, rewrite, rollout, split"),
         (["topics", "list"], {}, "no broker: start one with `sipstream broker`"),
         (["topics", "list", "-b", "127.0.0.1:1"], {}, "no Kafka broker answered at 127.0.0.1:1"),
         (["broker", "--storage", "sqlite://x"], {}, "unsupported embedded storage 'sqlite://x'"),
