@@ -38,10 +38,11 @@ def die_with_supervisor() -> bool:
     return True
 
 
-def terminate_as_interrupt() -> None:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so `finally` blocks stop what was started."""
+def terminate_as_interrupt() -> Any:
+    """SIGTERM raises KeyboardInterrupt in the main thread, so `finally` blocks stop what was started.
+    Returns the handler it replaced, for `signal.signal(signal.SIGTERM, previous)` afterwards."""
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)

@@ -223,8 +223,9 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
 
     log = get_logger(component="run")
     process_groups(cfg)  # a bad local.colocate fails before anything starts
+    previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
-        terminate_as_interrupt()  # `kill`, `timeout`, `docker stop`: the same orderly stop as Ctrl-C
+        previous_sigterm = terminate_as_interrupt()  # `kill`, `timeout`, `docker stop`: the Ctrl-C stop
     run_dir = new_run_dir(cfg)
     result = LocalRunResult(run_dir=str(run_dir))
     started = time.monotonic()
@@ -374,6 +375,8 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             tail.close()
         if broker is not None:
             broker.stop()
+        if previous_sigterm is not None:  # a caller in this process gets its own handler back
+            signal.signal(signal.SIGTERM, previous_sigterm)
         result.chosen_by_kind = dict(chosen)
         result.seconds = time.monotonic() - started
         (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
