@@ -289,29 +289,57 @@ def _bounds(label: str) -> tuple[float, float] | None:
     return None if label == "perplexity" else (0.0, 1.0)
 
 
+def _relative(model: float | None, base: float | None) -> float | None:
+    return (model - base) / base if model is not None and base else None
+
+
+def pooled_win_rate(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Wins, ties and losses summed over seeds, with a Wilson 95% interval over every prompt judged.
+
+    Complements the across-seed t-interval: with three seeds that interval is wide, and it collapses
+    to a point when the seeds happen to give the same rate, which says nothing about the prompts."""
+    from sipstream.eval.stats import wilson_interval
+
+    counts = [e["win_rate"] for e in evals if e and e.get("win_rate")]
+    if not counts:
+        return None
+    wins, ties, losses = (sum(c[k] for c in counts) for k in ("wins", "ties", "losses"))
+    n = wins + ties + losses
+    low, high = wilson_interval(wins + ties / 2, n)
+    return {"wins": wins, "ties": ties, "losses": losses, "n": n, "rate": (wins + ties / 2) / n if n else None,
+            "ci95": [low, high], "seeds": len(counts)}
+
+
 def summarise(per_seed: dict[int, dict[str, Any]], arms: list[str]) -> dict[str, Any]:
-    """{arm: {metric: mean/interval}} vs start and vs pretrain, plus the start checkpoint's own values."""
-    out: dict[str, Any] = {"start": {}, "vs_start": {}, "vs_pretrain": {}, "relative_to_start": {}}
+    """{arm: {metric: mean/interval}} vs start and vs pretrain, plus the start checkpoint's own values.
+
+    ``vs_pretrain``: the win rate of the arm's continuations against pretrain's, and for every other
+    metric the arm's relative change against the pretrain arm of the same seed (same documents,
+    same eval prompts and sampling seeds), so the two tables read alike. ``pooled``: win rates over
+    every prompt of every seed."""
+    out: dict[str, Any] = {"start": {}, "vs_start": {}, "vs_pretrain": {}, "relative_to_start": {},
+                           "pooled": {"vs_start": {}, "vs_pretrain": {}}}
+    seeds = list(per_seed.values())
     for label, path, _ in METRICS[1:]:
         base_path = (path[0], "baseline", *path[2:])
-        out["start"][label] = mean_interval([_get(s["evals"][arms[0]]["vs_start"], base_path) for s in per_seed.values()],
+        out["start"][label] = mean_interval([_get(s["evals"][arms[0]]["vs_start"], base_path) for s in seeds],
                                             _bounds(label))
     for arm in arms:
-        out["vs_start"][arm] = {label: mean_interval([_get(s["evals"][arm]["vs_start"], path) for s in per_seed.values()],
+        out["vs_start"][arm] = {label: mean_interval([_get(s["evals"][arm]["vs_start"], path) for s in seeds],
                                                      _bounds(label)) for label, path, _ in METRICS}
-        rel = {}
-        for label, path, _ in METRICS[1:]:
-            changes = []
-            for s in per_seed.values():
-                model = _get(s["evals"][arm]["vs_start"], path)
-                start = _get(s["evals"][arm]["vs_start"], (path[0], "baseline", *path[2:]))
-                if model is not None and start:
-                    changes.append((model - start) / start)
-            rel[label] = mean_interval(changes)
-        out["relative_to_start"][arm] = rel
-        if arm != "pretrain" and all("vs_pretrain" in s["evals"][arm] for s in per_seed.values()):
-            out["vs_pretrain"][arm] = {"win rate": mean_interval(
-                [_get(s["evals"][arm]["vs_pretrain"], ("win_rate", "rate")) for s in per_seed.values()], (0.0, 1.0))}
+        out["relative_to_start"][arm] = {
+            label: mean_interval([_relative(_get(s["evals"][arm]["vs_start"], path),
+                                            _get(s["evals"][arm]["vs_start"], (path[0], "baseline", *path[2:])))
+                                  for s in seeds]) for label, path, _ in METRICS[1:]}
+        out["pooled"]["vs_start"][arm] = pooled_win_rate([s["evals"][arm]["vs_start"] for s in seeds])
+        if arm != "pretrain" and "pretrain" in arms and all("vs_pretrain" in s["evals"][arm] for s in seeds):
+            row = {"win rate": mean_interval([_get(s["evals"][arm]["vs_pretrain"], ("win_rate", "rate")) for s in seeds],
+                                             (0.0, 1.0))}
+            for label, path, _ in METRICS[1:]:
+                row[label] = mean_interval([_relative(_get(s["evals"][arm]["vs_start"], path),
+                                                      _get(s["evals"]["pretrain"]["vs_start"], path)) for s in seeds])
+            out["vs_pretrain"][arm] = row
+            out["pooled"]["vs_pretrain"][arm] = pooled_win_rate([s["evals"][arm]["vs_pretrain"] for s in seeds])
     return out
 
 
@@ -352,9 +380,25 @@ def markdown(results: dict[str, Any]) -> str:
         row = s["relative_to_start"][arm]
         lines.append(f"| {arm} | " + " | ".join(_fmt(row[label], signed=True) for label, _, _ in METRICS[1:]) + " |")
     if s["vs_pretrain"]:
-        lines += ["", "## Against the `pretrain` arm", "", "| arm | win rate vs pretrain |", "|---|---|"]
+        lines += ["", "## Against the `pretrain` arm (standard continued pretraining on the same documents)", "",
+                  "| arm | win rate vs pretrain | " + " | ".join(f"{label} (rel.)" for label, _, _ in METRICS[1:]) + " |",
+                  "|---|" + "---|" * len(METRICS)]
         for arm, row in s["vs_pretrain"].items():
-            lines.append(f"| {arm} | {_fmt(row['win rate'])} |")
+            lines.append(f"| {arm} | {_fmt(row['win rate'])} | "
+                         + " | ".join(_fmt(row[label], signed=True) for label, _, _ in METRICS[1:]) + " |")
+        lines += ["", ("Win rate: the arm's continuations against pretrain's, judged pairwise in both orders. The other "
+                  "columns: the arm's value relative to the pretrain arm of the same seed (perplexity: lower is better).")]
+    pooled = s.get("pooled") or {}
+    if pooled.get("vs_start"):
+        lines += ["", "## Win rates pooled over seeds", "",
+                  ("Every prompt of every seed counted once (Wilson 95% interval over prompts). The table above "
+                   "gives the spread across seeds; this one the uncertainty from the number of prompts judged."), "",
+                  "| comparison | wins / ties / losses | win rate |", "|---|---|---|"]
+        for against in ("vs_start", "vs_pretrain"):
+            for arm, entry in (pooled.get(against) or {}).items():
+                if entry:
+                    lines.append(f"| {arm} {against.replace('_', ' ')} | {entry['wins']} / {entry['ties']} / "
+                                 f"{entry['losses']} | {_fmt({'mean': entry['rate'], 'ci95': entry['ci95']})} |")
     lines += ["", "## The stream", "", ("| seed | items | pairs | chosen original / rewrite / rollout | "
               "…in documents with a bad passage | seconds |"), "|---|---|---|---|---|---|"]
     for seed, data in results["seeds"].items():

@@ -58,8 +58,24 @@ def test_a_smoke_experiment_trains_every_arm_on_the_same_pairs_and_evaluates_the
         assert "vs_pretrain" in record["evals"]["dpo"] and "vs_pretrain" not in record["evals"]["pretrain"]
     summary = results["summary"]
     assert summary["vs_start"]["dpo"]["win rate"]["n"] == 2 and summary["vs_start"]["dpo"]["win rate"]["ci95"]
+    # Against pretrain: every metric, not only the win rate, and win rates pooled over every prompt of every seed.
+    from sipstream.experiment import METRICS
+
+    assert set(summary["vs_pretrain"]) == {"nll", "dpo"}
+    assert set(summary["vs_pretrain"]["dpo"]) == {label for label, _, _ in METRICS}
+    for arm in ("nll", "dpo"):
+        ppl = summary["vs_pretrain"][arm]["perplexity"]
+        expected = [results["seeds"][s]["evals"][arm]["vs_start"]["quality"]["model"]["perplexity"]
+                    / results["seeds"][s]["evals"]["pretrain"]["vs_start"]["quality"]["model"]["perplexity"] - 1
+                    for s in ("1", "2")]
+        assert ppl["values"] == pytest.approx(expected)
+        pooled = summary["pooled"]["vs_pretrain"][arm]
+        per_seed = [results["seeds"][s]["evals"][arm]["vs_pretrain"]["win_rate"] for s in ("1", "2")]
+        assert pooled["n"] == sum(w["n"] for w in per_seed) == 2 * exp.evaluation["winrate_prompts"]
+        assert pooled["wins"] == sum(w["wins"] for w in per_seed)
+        assert pooled["ci95"][0] <= pooled["rate"] <= pooled["ci95"][1]
     markdown = (out / "results.md").read_text()
-    for arm in ("| start |", "| pretrain |", "| nll |", "| dpo |"):
+    for arm in ("| start |", "| pretrain |", "| nll |", "| dpo |", "| dpo vs pretrain |"):
         assert arm in markdown
     for png in results["plots"]:
         assert (out / png).stat().st_size > 1000
