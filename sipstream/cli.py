@@ -353,7 +353,12 @@ def report(
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="start, a .safetensors file, a run directory or RUN_DIR@VERSION.")],
     baseline: Annotated[str, typer.Option(help="Reference to compare against (same forms), or none.")] = "start",
-    config: ConfigOpt = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", show_default=False,
+                     help="YAML config (default: the config.yaml of the run directory --model or --baseline names, "
+                          "so 'start' is that run's starting checkpoint; else $SIPSTREAM_CONFIG or configs/tiny.yaml)."),
+    ] = None,
     sets: Annotated[
         Optional[list[str]],
         typer.Option("--set", "-s", help="Override a config field, or an eval setting as eval.FIELD=VALUE (repeatable).",
@@ -366,13 +371,16 @@ def eval_command(
     """Measure a policy against a baseline on held-out data: win rate, safety, factuality, quality."""
     import json
 
-    from sipstream.eval.cli import eval_config_from_sets
+    from sipstream.eval.cli import eval_config_from_sets, load_eval_config
     from sipstream.eval.report import markdown_table
     from sipstream.eval.run import evaluate
+    from sipstream.logs import configure_logging
 
     eval_cfg, config_sets = eval_config_from_sets(sets or [])
-    cfg = _config(config, config_sets)
-    result = evaluate(cfg, model, None if baseline.lower() == "none" else baseline, eval_cfg, out)
+    baseline_ref = None if baseline.lower() == "none" else baseline
+    cfg, config_source = load_eval_config(config, config_sets, [model, baseline_ref])
+    configure_logging(cfg.logging)
+    result = evaluate(cfg, model, baseline_ref, eval_cfg, out, config_source=config_source)
     typer.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
 
 

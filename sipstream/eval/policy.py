@@ -2,7 +2,10 @@
 
 A reference is what a user types after ``--model`` / ``--baseline``:
 
-- ``start``: the configured policy (``models.policy``) as it is built, before any training;
+- ``start``: the configured policy (``models.policy``) as it is built, before any training. With a
+  run's own config (what `sipstream eval` uses when ``--model`` or ``--baseline`` is a run directory
+  and no ``--config`` is given, see :func:`sipstream.eval.cli.load_eval_config`) that is the
+  checkpoint the run started from;
 - a ``.safetensors`` file (local path, ``file://`` or any fsspec URI), e.g. one the learner
   published: loaded into the configured policy after checking its sha256;
 - a run directory (``sipstream run`` or ``sipstream learner``): its latest published weights,
@@ -127,13 +130,23 @@ def run_publications(run_dir: Path) -> dict[int, dict[str, Any]]:
     return found
 
 
+def split_run_ref(ref: str) -> tuple[Path, int | None] | None:
+    """(run directory, version or None) when ``ref`` is ``RUN_DIR`` or ``RUN_DIR@VERSION`` of an existing
+    directory; None for every other form."""
+    if ref == START:
+        return None
+    match = _VERSION_SUFFIX.match(ref)
+    run_part, version = (match["run"], int(match["version"])) if match else (ref, None)
+    return (Path(run_part), version) if Path(run_part).is_dir() else None
+
+
 def resolve_weights(ref: str) -> WeightsRef:
     """What ``ref`` names (see the module docstring); a UserError naming the accepted forms otherwise."""
     if ref == START:
         return WeightsRef(START, None, None)
-    match = _VERSION_SUFFIX.match(ref)
-    run_part, version = (match["run"], int(match["version"])) if match else (ref, None)
-    if Path(run_part).is_dir():
+    run = split_run_ref(ref)
+    if run is not None:
+        run_part, version = str(run[0]), run[1]
         publications = run_publications(Path(run_part))
         if not publications:
             raise UserError(f"no published weights found in run directory {run_part} (the learner writes "

@@ -232,9 +232,10 @@ def win_rate(model: Arm, baseline: Arm, sets: EvalSets, ecfg: EvalConfig, judge:
 
 
 def evaluate(cfg: Any, model: str, baseline: str | None = "start", eval_cfg: EvalConfig | None = None,
-             out_dir: Path | None = None) -> dict[str, Any]:
+             out_dir: Path | None = None, config_source: str | None = None) -> dict[str, Any]:
     """Evaluate ``model`` against ``baseline`` (both references as :func:`load_policy` accepts;
-    ``baseline=None`` measures the model alone) with the judge and policy spec of ``cfg``.
+    ``baseline=None`` measures the model alone) with the judge and policy spec of ``cfg``
+    (``config_source``, where ``cfg`` came from, is only logged).
 
     Returns the result dict (see ``sipstream/eval/__init__.py`` for its fields); with ``out_dir``
     also writes ``eval.json``, ``eval.md`` and ``eval_samples.jsonl`` (every prompt's texts and scores)."""
@@ -245,8 +246,9 @@ def evaluate(cfg: Any, model: str, baseline: str | None = "start", eval_cfg: Eva
     base = Arm(cfg, baseline, resolve_weights(baseline)) if baseline is not None else None
     sets = EvalSets.build(ecfg)
     judge = get_judge(cfg)
-    _log().info("eval started", model=model, baseline=baseline, winrate_prompts=len(sets.winrate),
-             safety_prompts=len(sets.safety), factuality_pairs=len(sets.facts))
+    _log().info("eval started", model=model, baseline=baseline, config=config_source,
+                policy=str(cfg.models.policy.source), winrate_prompts=len(sets.winrate),
+                safety_prompts=len(sets.safety), factuality_pairs=len(sets.facts))
 
     rows: list[dict[str, Any]] = []
     wins = None

@@ -73,3 +73,21 @@ def published_run(tmp_path_factory: pytest.TempPathFactory, perturbed_tensors):
     first = store.publish({k: v.clone() * 0 + v for k, v in perturbed_tensors.items()}, 1, 1, {"run_name": "smoke"})
     second = store.publish({k: v * 1.01 for k, v in perturbed_tensors.items()}, 2, 2, {"run_name": "smoke"})
     return run_dir, first, second
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, eval_cfg, perturbed_tensors):
+    """A run directory as `sipstream run --config configs/smoke.yaml` leaves it: its resolved config in
+    config.yaml (a tiny GPT-2 policy, not configs/tiny.yaml's SmolLM2) and two learner publications."""
+    import yaml
+
+    from sipstream.learner.weights import WeightStore
+
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    # What `sipstream run` writes for its children: the JSON dump of the resolved config, run_dir set.
+    resolved = eval_cfg.model_dump(mode="json") | {"run_dir": str(run_dir)}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    store = WeightStore((run_dir / eval_cfg.run_name / "weights").as_uri(), eval_cfg.run_name)
+    first = store.publish({k: v.clone() for k, v in perturbed_tensors.items()}, 1, 1, {"run_name": eval_cfg.run_name})
+    second = store.publish({k: v * 1.01 for k, v in perturbed_tensors.items()}, 2, 2, {"run_name": eval_cfg.run_name})
+    return run_dir, first, second
