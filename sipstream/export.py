@@ -32,6 +32,7 @@ from sipstream.errors import UserError
 from sipstream.learner.consumption import LOG_NAME, read_log
 
 EXPORT_NAME = "export.json"
+ARCHIVE_DIR = "export"  # where `sipstream run` exports the topics of an in-memory broker, in its run directory
 Format = Literal["jsonl", "parquet"]
 
 
@@ -123,35 +124,53 @@ def _decode_parquet(data: bytes) -> list[dict[str, Any]]:
 
 def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl", bootstrap: str | None = None,
                  bus: Any = None) -> dict[str, Any]:
-    """Write `topic`'s recorded range of run `run` under `to`; returns the export's entry for the topic."""
-    from sipstream.replay import RecordFetcher, recorded_config
+    """Write `topic`'s recorded range of run `run` under `to`; returns the export's entry for the topic.
+
+    The broker is checked first (reachable, holding the topic and its partitions): a failed export
+    leaves no `<to>/<topic>/` folder behind."""
+    from sipstream.replay import RecordFetcher, recorded_config, require_topics
 
     if fmt not in ("jsonl", "parquet"):
         raise UserError(f"--format must be jsonl or parquet, not {fmt!r}")
     run_dir, data = M.load_manifest(run)
+    pipeline = data
     if topic not in data.get("topics", {}) and data.get("learner_run"):
         run_dir, data = M.learner_manifest(run_dir, data)  # e.g. sip.weights of a pipeline's learner
     entry = data.get("topics", {}).get(topic)
     if entry is None:
         raise UserError(f"run {run_dir} recorded no range of {topic}; it has: {', '.join(sorted(data.get('topics', {})))}")
+    if bootstrap is None and pipeline.get("bus", {}).get("ephemeral"):
+        where = run_dir / pipeline.get("archive", ARCHIVE_DIR)
+        raise UserError(f"run {run_dir} ran on an in-memory broker that ended with it; its topics are already "
+                        f"exported in {where} (copy that folder, or put it on a bus with `sipstream import {where}`)")
     bus = bus or recorded_config(data, run_dir).bus
     bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
+    require_topics(bus, bootstrap, {entry["live_name"]: [int(p) for p in entry["partitions"]]},
+                   "export from the cluster that holds the run (--bootstrap-servers)")
     fs, root = _fs(to)
-    fs.makedirs(f"{root}/{topic}", exist_ok=True)
+    folder = f"{root}/{topic}"
+    created = not fs.exists(folder)
     fetcher = RecordFetcher(bus, bootstrap, entry["live_name"])
     files, count = [], 0
     try:
         for partition, (start, end) in sorted(entry["partitions"].items(), key=lambda kv: int(kv[0])):
             rows = _rows(fetcher.read_range(int(partition), start, end))
             name = f"{topic}/partition-{int(partition)}.{fmt}"
+            fs.makedirs(folder, exist_ok=True)
             _write_bytes(fs, f"{root}/{name}", _encode_jsonl(rows) if fmt == "jsonl" else _encode_parquet(rows))
             files.append(name)
             count += len(rows)
+        fs.makedirs(folder, exist_ok=True)  # an empty folder: archived, no records (e.g. no dead letters)
+    except BaseException:
+        if created and fs.exists(folder):
+            fs.rm(folder, recursive=True)  # no half-written topic beside complete ones
+        raise
     finally:
         fetcher.close()
 
     # The run's own record travels with the data, so an import can rebuild a replayable run; a
     # pipeline run's learner (manifest and consumption log) goes to learner/.
+    fs.makedirs(root, exist_ok=True)
     _write_bytes(fs, f"{root}/{M.MANIFEST_NAME}", json.dumps(data, indent=1).encode())
     learner_dir = run_dir if data.get("kind") == "learner" else (
         run_dir / data["learner_run"] if data.get("learner_run") else None)
@@ -173,7 +192,7 @@ def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl",
 # --------------------------------------------------------------------------- import
 
 
-def _translate(offset_map: dict[int, dict[int, int]], topic: str, partition: int, offset: int) -> int:
+def translate_offset(offset_map: dict[int, dict[int, int]], topic: str, partition: int, offset: int) -> int:
     try:
         return offset_map[partition][offset]
     except KeyError:
@@ -192,29 +211,43 @@ def _segments(mapping: dict[int, int]) -> list[list[int]]:
     return out
 
 
-def import_export(source: str, cfg: Any, bootstrap: str, *, run_dir: str | Path | None = None) -> Path:
-    """Produce an export's records onto the cluster at `bootstrap` (topics under `cfg.bus.topic_prefix`)
-    and write a replayable run directory with translated offsets; returns that directory."""
+def read_export(source: str) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
+    """(filesystem, root, export.json, manifest) of an export folder; one-line errors for anything else."""
+    fs, root = _fs(source)
+    index = _read_json(fs, f"{root}/{EXPORT_NAME}")
+    if index is None:
+        raise UserError(f"no {EXPORT_NAME} under {source}: pass a directory written by `sipstream export` "
+                        f"(or the {ARCHIVE_DIR}/ folder of a `sipstream run` directory)")
+    data = _read_json(fs, f"{root}/{M.MANIFEST_NAME}")
+    if data is None:
+        raise UserError(f"{source} holds no {M.MANIFEST_NAME}; export again with this sipstream version")
+    return fs, root, index, data
+
+
+def put_back(source: str, cfg: Any, bootstrap: str, topics: list[str] | None = None) -> dict[str, dict[int, dict[int, int]]]:
+    """Produce an export's records (all its topics, or `topics`) onto `bootstrap` under `cfg.bus.topic_prefix`,
+    each to the partition it came from, in offset order; returns {topic: {partition: {old offset: new}}}."""
     from confluent_kafka import Producer
 
     from sipstream.bus.client import producer_config
 
-    fs, root = _fs(source)
-    index = _read_json(fs, f"{root}/{EXPORT_NAME}")
-    if index is None:
-        raise UserError(f"no {EXPORT_NAME} under {source}: pass a directory written by `sipstream export`")
-    data = _read_json(fs, f"{root}/{M.MANIFEST_NAME}")
-    if data is None:
-        raise UserError(f"{source} holds no {M.MANIFEST_NAME}; export again with this sipstream version")
+    fs, root, index, _ = read_export(source)
+    wanted = sorted(index["topics"]) if topics is None else list(topics)
+    missing = [t for t in wanted if t not in index["topics"]]
+    if missing:
+        raise UserError(f"{source} holds no {', '.join(missing)} (it has {', '.join(sorted(index['topics']))}); "
+                        "export it from the run's cluster")
     specs = T.load_specs(T.topics_dir(cfg.bus))
-    T.create_topics(cfg.bus, bootstrap, {n: specs[n] for n in index["topics"] if n in specs})
+    unknown = [t for t in wanted if t not in specs]
+    if unknown:
+        raise UserError(f"{source} holds topic {unknown[0]}, which has no spec in topics/")
+    T.create_topics(cfg.bus, bootstrap, {n: specs[n] for n in wanted})
 
     maps: dict[str, dict[int, dict[int, int]]] = {}
     failures: list[str] = []
     producer = Producer(producer_config(cfg.bus, bootstrap, client_id="sipstream-import"))
-    for topic, entry in sorted(index["topics"].items()):
-        if topic not in specs:
-            raise UserError(f"{source} holds topic {topic}, which has no spec in topics/")
+    for topic in wanted:
+        entry = index["topics"][topic]
         live = cfg.bus.topic(topic)
         topic_map = maps.setdefault(topic, {})
         for name in entry["files"]:
@@ -242,6 +275,19 @@ def import_export(source: str, cfg: Any, bootstrap: str, *, run_dir: str | Path 
     remaining = producer.flush(60)
     if remaining or failures:
         raise UserError(f"import into {bootstrap}: {remaining} record(s) unacknowledged, failures: {failures[:3]}")
+    return maps
+
+
+def import_export(source: str, cfg: Any, bootstrap: str | None = None, *, run_dir: str | Path | None = None) -> Path:
+    """Produce an export's records onto the cluster at `bootstrap` (default: the one `cfg` names; topics
+    under `cfg.bus.topic_prefix`) and write a replayable run directory with translated offsets; returns
+    that directory. The export is read before the broker is looked for."""
+    fs, root, _, data = read_export(source)
+    if bootstrap is None:
+        from sipstream.bus.embedded import resolve_bootstrap
+
+        bootstrap = resolve_bootstrap(cfg)
+    maps = put_back(source, cfg, bootstrap)
 
     # A replayable run on the new cluster: the manifest and consumption log, offsets translated.
     from sipstream.replay import stamp
@@ -268,9 +314,10 @@ def _restore_run(fs: Any, root: str, sub: str, data: dict[str, Any], out: Path, 
             continue
         entry["live_name"] = cfg.bus.topic(topic)
         entry["partitions"] = {
-            p: [_translate(maps[topic], topic, int(p), s), _translate(maps[topic], topic, int(p), e - 1) + 1]
+            p: [translate_offset(maps[topic], topic, int(p), s), translate_offset(maps[topic], topic, int(p), e - 1) + 1]
             for p, (s, e) in entry["partitions"].items()}
     data["bus"] = {"bootstrap_servers": bootstrap, "topic_prefix": cfg.bus.topic_prefix}
+    data.pop("archive", None)  # the records are on `bootstrap` now
     data["config"]["bus"] = {**data["config"]["bus"], "bootstrap_servers": bootstrap,
                              "topic_prefix": cfg.bus.topic_prefix, "group_prefix": cfg.bus.group_prefix}
     data["imported"] = imported
@@ -285,6 +332,6 @@ def _restore_run(fs: Any, root: str, sub: str, data: dict[str, Any], out: Path, 
         scratch.unlink()
         with open(out / LOG_NAME, "w", encoding="utf-8") as file:
             for e in entries:
-                e["records"] = [[p, _translate(pairs_map, T.PAIRS, p, o)] for p, o in e["records"]]
+                e["records"] = [[p, translate_offset(pairs_map, T.PAIRS, p, o)] for p, o in e["records"]]
                 file.write(json.dumps(e, separators=(",", ":")) + "\n")
     M.write_json(out / M.MANIFEST_NAME, data)

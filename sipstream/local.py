@@ -31,7 +31,7 @@ from sipstream.bus.client import client_settings
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config, secrets_env
 from sipstream.errors import UserError
-from sipstream.export import export_topic
+from sipstream.export import ARCHIVE_DIR, export_topic
 from sipstream.lifeline import SUPERVISOR_ENV, terminate_as_interrupt
 from sipstream.logs import get_logger
 from sipstream.manifest import pipeline_manifest, topic_positions
@@ -360,12 +360,15 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
             result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
         tails[T.WEIGHTS].poll(2.0)
         # The record of the run: topic ranges + the learner's manifest, for `sipstream replay`.
-        pipeline_manifest(run_dir, cfg, bootstrap, begin)
-        if broker is not None and cfg.bus.embedded.storage.startswith("memory://"):
-            # An in-memory broker forgets everything when it stops: archive what replay needs,
-            # and the metrics and dead letters `sipstream report` draws from.
-            for topic in (T.PAIRS, T.WEIGHTS, T.DOCUMENTS, T.METRICS, T.DEADLETTER):
-                export_topic(topic, run_dir, str(run_dir / "export"))
+        ephemeral = broker is not None and cfg.bus.embedded.storage.startswith("memory://")
+        pipeline_manifest(run_dir, cfg, bootstrap, begin, stages=PIPELINE, ephemeral=ephemeral,
+                          archive=ARCHIVE_DIR if ephemeral else None)
+        if ephemeral:
+            # An in-memory broker forgets everything when it stops: archive every topic a stage or the
+            # learner reads (`sipstream replay` puts them back), and the metrics and dead letters
+            # `sipstream report` draws from.
+            for topic in T.CORE_TOPICS:
+                export_topic(topic, run_dir, str(run_dir / ARCHIVE_DIR), bootstrap=bootstrap)
     finally:
         for child in children:
             if child.name not in result.exit_codes:

@@ -8,8 +8,12 @@ Every learner run and every `sipstream run` writes `manifest.json` in its run di
     seeds           the root seed (every item derives its own; the learner seeds torch and random with it)
     bus             bootstrap servers and topic prefix the run talked to
     topics          per topic (spec name): live name, role (consumed / produced) and the offset range
-                    per partition, as [first, last + 1]
-    models          (learner) policy source, sha256 of its initial weights and of its tokenizer
+                    per partition, as [first, last + 1]; a pipeline run also names, per topic, the
+                    stages that produced it and those that consumed it (`produced_by`, `consumed_by`)
+    models          (learner) policy source, sha256 of its initial weights and of its tokenizer;
+                    (pipeline) each model's source and the sha256 of the files it resolves to here
+    archive         (pipeline) where the run archived its topics when its broker was in memory
+                    (`bus.ephemeral`: the broker, and every record on it, ended with the run)
     learner         (learner) algo, steps, final weights (version, step, sha256, uri), counters and the
                     consumption log (which records each step trained on, see learner/consumption.py)
 
@@ -174,25 +178,153 @@ def topic_entry(live_name: str, role: str, partitions: dict[int, list[int]]) -> 
             "records": sum(e - s for s, e in partitions.values())}
 
 
+# --------------------------------------------------------------------------- who read and wrote each topic
+
+
+def stage_class(name: str) -> type:
+    """The `Stage` subclass registered as `name`, without building it (no model is loaded)."""
+    import importlib
+
+    from sipstream.bus.runner import Stage
+    from sipstream.stages import STAGES
+
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; choose one of: {', '.join(sorted(STAGES))}")
+    module = importlib.import_module(STAGES[name])
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, Stage) and value is not Stage and value.name == name:
+            return value
+    raise AssertionError(f"{STAGES[name]} defines no Stage named {name!r}")
+
+
+def pipeline_roles(stages: Any) -> dict[str, dict[str, list[str]]]:
+    """{topic: {"produced_by": [...], "consumed_by": [...]}} for a run of `stages`, ingest and the learner."""
+    from sipstream.bus import topics as T
+
+    roles: dict[str, dict[str, list[str]]] = {}
+
+    def add(topic: str, side: str, who: str) -> None:
+        entry = roles.setdefault(topic, {"produced_by": [], "consumed_by": []})
+        if who not in entry[side]:
+            entry[side].append(who)
+
+    add(T.DOCUMENTS, "produced_by", "ingest")
+    for name in stages:
+        cls = stage_class(name)
+        add(cls.input_topic, "consumed_by", name)
+        for topic in cls.control_topics:
+            add(topic, "consumed_by", name)
+        for topic in (cls.output_topic, T.METRICS, T.DEADLETTER):  # the runner produces the last two
+            if topic:
+                add(topic, "produced_by", name)
+    add(T.PAIRS, "consumed_by", "learner")
+    for topic in (T.WEIGHTS, T.METRICS, T.DEADLETTER):
+        add(topic, "produced_by", "learner")
+    return roles
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def _file_sha256(path: Path, cache: dict[str, list[Any]]) -> str:
+    """sha256 of a file, from `cache` while its path, mtime and size are unchanged."""
+    stat = path.stat()
+    key, seen = str(path.resolve()), cache.get(str(path.resolve()))
+    if seen is not None and seen[:2] == [stat.st_mtime_ns, stat.st_size]:
+        return seen[2]
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    cache[key] = [stat.st_mtime_ns, stat.st_size, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+def files_sha256(path: Path, cache_file: Path | None = None) -> str:
+    """sha256 of a file, or of a folder's files (relative path and sha256 of each, in path order).
+
+    Gigabytes of weights take seconds to hash: each file's hash is kept in `cache_file` (a JSON map
+    path → [mtime_ns, size, sha256]) and reused while the file's mtime and size are unchanged."""
+    cache: dict[str, list[Any]] = {}
+    if cache_file is not None:
+        try:
+            cache = json.loads(cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cache = {}
+    before = dict(cache)
+    if path.is_file():
+        out = _file_sha256(path, cache)
+    else:
+        digest = hashlib.sha256()
+        files = [p for p in path.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]  # scratch, caches
+        for file in sorted(files):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file, cache)}\n".encode())
+        out = digest.hexdigest()
+    if cache_file is not None and cache != before:
+        try:
+            write_json(cache_file, cache)
+        except OSError:
+            pass  # a read-only cache folder only costs the next run another hash
+    return out
+
+
+def model_source(spec: Any) -> dict[str, Any]:
+    """What a model spec names and, where it resolves to files on this machine, their sha256.
+
+    Never downloads or converts: a packaged model not converted yet, a hub id or an HTTP server is
+    recorded by name only (`sha256` null, `why` says so)."""
+    from sipstream.models.sources import PACKAGED_MODELS
+
+    out: dict[str, Any] = {"backend": spec.backend, "source": spec.source}
+    if spec.backend == "openai":
+        return out | {"base_url": spec.base_url, "openai_model": spec.openai_model, "sha256": None,
+                      "why": "served over HTTP; its weights are not on this machine"}
+    cache_dir = Path(spec.cache_dir).expanduser()
+    if spec.source == "tiny-gpt2":
+        path = cache_dir / f"tiny-gpt2-seed{spec.seed}"
+    elif spec.source in PACKAGED_MODELS:
+        path = cache_dir / PACKAGED_MODELS[spec.source].cache_name
+    else:
+        path = Path(spec.source).expanduser()
+    if not path.exists():
+        return out | {"sha256": None, "why": f"{path} does not exist here (a hub id, or not built yet)"}
+    return out | {"path": str(path.resolve()), "sha256": files_sha256(path, cache_dir / ".sha256-cache.json")}
+
+
 def pipeline_manifest(run_dir: Path, cfg: Any, bootstrap: str, begin: dict[str, dict[int, int]] | None = None,
-                      topics: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      topics: list[str] | None = None, extra: dict[str, Any] | None = None,
+                      stages: Any = None, ephemeral: bool = False, archive: str | None = None) -> dict[str, Any]:
     """Write `<run_dir>/manifest.json` for a whole-pipeline run (`sipstream run`); returns it.
 
     Call it at the end of the run, before the broker stops: it reads each topic from `begin` (what
     `topic_positions` returned before the run started; default: the beginning) to its end, and links
-    the learner's own manifest when there is one."""
+    the learner's own manifest when there is one. With `stages` (the stages the run ran), each topic
+    names who produced and who consumed it, and the judge's and rewriter's model files are hashed.
+    `ephemeral`: the broker's records end with the run; `archive` (relative to the run directory)
+    says where they were exported for replay."""
     from sipstream.bus import topics as T
 
     names = topics or list(T.CORE_TOPICS)
     ranges = read_ends(bootstrap, cfg.bus, names, begin)
     learner_dir = Path(run_dir) / cfg.run_name
+    roles = pipeline_roles(stages) if stages is not None else {}
+    entries = {}
+    for n in names:
+        who = roles.get(n)
+        role = "produced" if who is None or who["produced_by"] else "consumed"
+        entries[n] = topic_entry(cfg.bus.topic(n), role, ranges[n]) | (who or {})
     data = {
         "format": FORMAT, "kind": "pipeline", "created_at": now(), "run_name": cfg.run_name,
         "config": cfg.model_dump(mode="json"), "code": code_version(), "seeds": {"root": cfg.seed},
-        "bus": {"bootstrap_servers": bootstrap, "topic_prefix": cfg.bus.topic_prefix},
-        "topics": {n: topic_entry(cfg.bus.topic(n), "produced", ranges[n]) for n in names},
+        "bus": {"bootstrap_servers": bootstrap, "topic_prefix": cfg.bus.topic_prefix, "ephemeral": ephemeral},
+        "topics": entries,
         "learner_run": cfg.run_name if (learner_dir / MANIFEST_NAME).is_file() else None,
+        **({"archive": archive} if archive else {}),
         **(extra or {}),
     }
+    if stages is not None:
+        # The learner's manifest also hashes the policy's loaded weights and tokenizer (initial_sha256).
+        data["models"] = {role: model_source(getattr(cfg.models, role)) for role in ("policy", "judge", "rewriter")}
     write_json(Path(run_dir) / MANIFEST_NAME, data)
     return data

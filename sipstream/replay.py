@@ -17,15 +17,26 @@ a final short step trains what is left. `max_steps` is lifted: the sequence deci
 
 Nothing here writes to the original run: a replay gets its own run directory, weight store,
 checkpoints, consumer groups and output topics (`replay-<stamp>.<prefix>sip.weights`, ...).
+
+A default `sipstream run` talks to an in-memory embedded broker that ends with it; it archives every
+topic into `RUN_DIR/export/` and marks its manifest `bus.ephemeral`. A replay of such a run puts the
+records it reads back from that archive onto the broker it is given (`bootstrap`), or onto an
+embedded broker it starts for the replay, and translates the recorded offsets (see `export.put_back`).
+A stage replay on its own embedded broker archives its topics in turn, into its own `export/`.
+
+Everything a replay reads is checked before anything is created or trained: the broker answers, and
+holds the recorded topics and partitions (or the archive holds them).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +56,80 @@ def retention_error(topic: str, partition: int, wanted: int, first: int) -> User
         f"forever with retention.ms=-1 (`kafka-configs --alter --entity-type topics --entity-name {topic} "
         "--add-config retention.ms=-1`, as topics/*.yaml set it), or archive runs with `sipstream export` and "
         "replay them from `sipstream import`")
+
+
+def require_topics(bus: Any, bootstrap: str, wanted: dict[str, list[int]], hint: str, timeout: float = 10.0) -> None:
+    """Fail at once, in one line, when the broker at `bootstrap` does not answer, or lacks a topic or a
+    partition in `wanted` ({live topic name: partitions}): reading it would only wait for records that
+    never come. `hint` says what to do instead."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient
+
+    from sipstream.bus.client import admin_config, check_reachable
+
+    check_reachable(bus, bootstrap, timeout)
+    # All topics, not the wanted ones by name: asking for a topic by name auto-creates it on some brokers.
+    metadata = AdminClient(admin_config(bus, bootstrap) | {"log_level": 0}).list_topics(timeout=timeout)
+    for topic, partitions in wanted.items():
+        found = metadata.topics.get(topic)
+        if found is None or (found.error is not None and found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+            raise UserError(f"topic {topic} does not exist on {bootstrap}; {hint}")
+        absent = sorted(set(partitions) - set(found.partitions))
+        if absent:
+            raise UserError(f"topic {topic} on {bootstrap} has {len(found.partitions)} partition(s), but the run "
+                            f"recorded partition {absent[0]}; {hint}")
+
+
+def archived(run_dir: Path, data: dict[str, Any]) -> Path | None:
+    """The archive folder of a run whose in-memory broker ended with it (None when its topics are live).
+
+    A learner run inside a `sipstream run` directory shares the pipeline's broker, so its archive."""
+    from sipstream.export import ARCHIVE_DIR
+
+    if data.get("kind") == "learner" and (run_dir.parent / M.MANIFEST_NAME).is_file():
+        try:
+            parent = json.loads((run_dir.parent / M.MANIFEST_NAME).read_text(encoding="utf-8"))
+        except ValueError:
+            parent = {}
+        if parent.get("kind") == "pipeline" and parent.get("learner_run") == run_dir.name:
+            run_dir, data = run_dir.parent, parent
+    if not data.get("bus", {}).get("ephemeral"):
+        return None
+    return run_dir / data.get("archive", ARCHIVE_DIR)
+
+
+def check_archive(archive: Path, topics: Sequence[str], run_dir: Path) -> None:
+    """One line when a run's archive lacks a topic a replay needs (its broker, and the records, are gone)."""
+    from sipstream.export import EXPORT_NAME
+
+    try:
+        held = json.loads((archive / EXPORT_NAME).read_text(encoding="utf-8"))["topics"]
+    except (OSError, ValueError, KeyError):
+        held = {}
+    missing = [t for t in topics if t not in held]
+    if missing:
+        raise UserError(f"run {run_dir} ran on an in-memory broker that ended with it, and its archive {archive} "
+                        f"holds no {', '.join(missing)}; runs made before `sipstream run` archived every topic "
+                        "cannot replay this: run again, or run on a persistent broker (`sipstream broker`)")
+
+
+@contextmanager
+def replay_broker(cfg: Any, bootstrap: str | None) -> Iterator[tuple[str, bool]]:
+    """(bootstrap, embedded): the broker given, checked; else an in-memory embedded broker for the
+    duration of the replay (its records end with it)."""
+    if bootstrap is not None:
+        from sipstream.bus.client import check_reachable
+
+        check_reachable(cfg.bus, bootstrap)
+        yield bootstrap, False
+        return
+    from sipstream.bus.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(cfg.bus.embedded.model_copy(update={"storage": "memory://tansu/", "port": 0}))
+    try:
+        yield broker.start(), True
+    finally:
+        broker.stop()
 
 
 class RecordFetcher:
@@ -287,23 +372,29 @@ class _Source:
     cfg: Any
     sequence: list[tuple[int, int]]
     source_topic: str
-    bootstrap: str
+    bootstrap: str | None  # None: the run's broker is gone; its records are put back from `archive`
     original_algo: str
     original: dict[str, Any] | None  # the recorded run's manifest, when there is one
     run_dir: Path | None
+    archive: Path | None = None
 
 
 def _learner_source(run: str | Path | None, from_offsets: str | None, config: Any, bootstrap: str | None) -> _Source:
     from sipstream.learner.consumption import iter_records, read_log
 
     if run is not None:
-        run_dir, data = M.learner_manifest(*M.load_manifest(run))
+        given_dir, given = M.load_manifest(run)
+        archive = archived(given_dir, given)
+        run_dir, data = M.learner_manifest(given_dir, given)
         cfg = recorded_config(data, run_dir)
         if from_offsets is None:
             log_info = data["learner"]["consumption_log"]
             sequence = list(iter_records(read_log(run_dir / log_info["path"])[: log_info["lines"]]))
         else:
             sequence = offsets_sequence(parse_offsets(from_offsets))
+        if archive is not None:
+            check_archive(archive, [T.PAIRS], given_dir)
+            return _Source(cfg, sequence, "", bootstrap, data["learner"]["algo"], data, run_dir, archive)
         return _Source(cfg, sequence, data["topics"][T.PAIRS]["live_name"],
                        bootstrap or data["bus"]["bootstrap_servers"], data["learner"]["algo"], data, run_dir)
     if from_offsets is None or config is None:
@@ -322,12 +413,25 @@ def replay_learner(run: str | Path | None = None, *, bootstrap: str | None = Non
 
     `from_offsets` ("0:0-120,1:5-98") replaces the run's consumption log by explicit `sip.pairs` ranges,
     read in `offsets_sequence` order: with `run`, on that run's config and initial weights; without it,
-    on `config` (a run directory that was lost, a range picked by hand)."""
+    on `config` (a run directory that was lost, a range picked by hand). A run whose in-memory broker
+    is gone replays from its archive (see the module docstring)."""
+    with ExitStack() as stack:
+        return _replay_learner(stack, run, bootstrap, algo, overrides, out_dir, handle_signals, from_offsets, config)
+
+
+def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | None, algo: str | None,
+                    overrides: Sequence[str], out_dir: str | Path | None, handle_signals: bool,
+                    from_offsets: str | None, config: Any) -> LearnerReplay:
     from sipstream.learner.loop import run_learner
 
     src = _learner_source(run, from_offsets, config, bootstrap)
-    cfg, sequence, source_topic, bootstrap = src.cfg, src.sequence, src.source_topic, src.bootstrap
+    cfg, sequence, source_topic = src.cfg, src.sequence, src.source_topic
     data, run_dir, original_algo = src.original, src.run_dir, src.original_algo
+    if src.archive is None:
+        bootstrap = src.bootstrap
+    else:
+        bootstrap, _ = stack.enter_context(replay_broker(cfg, src.bootstrap))
+    assert bootstrap is not None
 
     tag = stamp()
     lcfg = {"checkpoint_dir": None, "weight_store": None, "max_steps": None, "idle_timeout_s": 0.001}
@@ -347,11 +451,19 @@ def replay_learner(run: str | Path | None = None, *, bootstrap: str | None = Non
     replay_cfg = apply_sets(replay_cfg, overrides)
     same_policy = replay_cfg.models.policy.model_dump(mode="json") == cfg.models.policy.model_dump(mode="json")
 
-    specs = T.load_specs(T.topics_dir(replay_cfg.bus))
-    from sipstream.bus.client import check_reachable
+    if src.archive is not None:
+        # The recorded pairs back on a bus, under the replay's prefix; the recorded offsets translated.
+        from sipstream.export import translate_offset, put_back
 
-    check_reachable(replay_cfg.bus, bootstrap)
-    # Fail before training when the recorded range is no longer on the broker.
+        pairs_map = put_back(str(src.archive), replay_cfg, bootstrap, [T.PAIRS])[T.PAIRS]
+        sequence = [(p, translate_offset(pairs_map, T.PAIRS, p, o)) for p, o in sequence]
+        source_topic = replay_cfg.bus.topic(T.PAIRS)
+
+    specs = T.load_specs(T.topics_dir(replay_cfg.bus))
+    # Fail before training when the topic, or the recorded range, is no longer on the broker.
+    require_topics(replay_cfg.bus, bootstrap, {source_topic: sorted({p for p, _ in sequence})},
+                   "replay on the cluster that holds the run (--bootstrap-servers), or put an export of it "
+                   "back first with `sipstream import`")
     probe = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
     try:
         firsts: dict[int, int] = {}
@@ -375,7 +487,8 @@ def replay_learner(run: str | Path | None = None, *, bootstrap: str | None = Non
     extra = {"replay_of": {"run_dir": str(run_dir.resolve()) if run_dir else None,
                            "run_name": data["run_name"] if data else None, "algo": original_algo,
                            "final_sha256": original_sha, "records": len(sequence),
-                           "from_offsets": {"topic": source_topic, "ranges": from_offsets} if from_offsets else None}}
+                           "from_offsets": {"topic": source_topic, "ranges": from_offsets} if from_offsets else None,
+                           "from_archive": str(src.archive.resolve()) if src.archive else None}}
     initial = data["models"]["policy"]["initial_sha256"] if data and same_policy else None
     state = run_learner(replay_cfg, bootstrap, learner=replay_cfg.learner, pair_reader=reader,
                         handle_signals=handle_signals, manifest_extra=extra, expect_initial_sha256=initial)
@@ -398,6 +511,7 @@ class StageReplay:
     input_records: int
     output_records: int
     deadlettered: int
+    archive: Path | None = None  # where the replay's topics were archived (it ran on its own in-memory broker)
 
 
 def copy_range(fetcher: RecordFetcher, producer: Any, target: str, partitions: dict[str, list[int]]) -> int:
@@ -418,20 +532,45 @@ def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, ov
     The recorded input records (and the stage's control topics, e.g. sip.weights for rollout, where
     the run recorded them) are copied to `replay-<stamp>.<prefix>` topics, the stage processes them
     there with its own consumer group, and the replay's manifest records the output range. `overrides`
-    (`section.field=value`) change the stage, e.g. another judge model."""
-    from confluent_kafka import Producer
-
-    from sipstream.bus.client import check_reachable, producer_config
-    from sipstream.bus.runner import StageRunner
-    from sipstream.config import merged
-    from sipstream.stages import STAGES, build_stage
-
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; choose one of: {', '.join(sorted(STAGES))}")
+    (`section.field=value`) change the stage, e.g. another judge model. A run whose in-memory broker
+    is gone replays from its archive, on `bootstrap` or on an embedded broker started for the replay."""
+    stage_cls = M.stage_class(name)  # an unknown name fails before anything is read
     run_dir, data = M.load_manifest(run)
     cfg = recorded_config(data, run_dir)
-    bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
-    check_reachable(cfg.bus, bootstrap)
+    recorded = data.get("topics", {})
+    if stage_cls.input_topic not in recorded:
+        raise UserError(f"run {run_dir} recorded no range of {stage_cls.input_topic}, the input of stage {name}; "
+                        "pass the run directory of `sipstream run` (its manifest records every pipeline topic)")
+    # Control topics the run did not record (e.g. no weights were published): the stage starts without them.
+    inputs = [t for t in (stage_cls.input_topic, *stage_cls.control_topics) if t in recorded]
+    archive = archived(run_dir, data)
+    with ExitStack() as stack:
+        if archive is None:
+            bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
+            require_topics(cfg.bus, bootstrap,
+                           {recorded[t]["live_name"]: [int(p) for p in recorded[t]["partitions"]] for t in inputs},
+                           "replay on the cluster that holds the run (--bootstrap-servers), or put an export of it "
+                           "back first with `sipstream import`")
+            embedded = False
+        else:
+            check_archive(archive, inputs, run_dir)
+            bootstrap, embedded = stack.enter_context(replay_broker(cfg, bootstrap))
+        return _replay_stage(name, run_dir, data, cfg, inputs, bootstrap, archive, embedded, overrides, out_dir,
+                             timeout_s)
+
+
+def _replay_stage(name: str, run_dir: Path, data: dict[str, Any], cfg: Any, inputs: list[str], bootstrap: str,
+                  archive: Path | None, embedded: bool, overrides: Sequence[str], out_dir: str | Path | None,
+                  timeout_s: float) -> StageReplay:
+    """`replay_stage` once its input is known to be readable: from the live topics, or from `archive`."""
+    from confluent_kafka import Producer
+
+    from sipstream.bus.client import producer_config
+    from sipstream.bus.runner import StageRunner
+    from sipstream.config import merged
+    from sipstream.export import ARCHIVE_DIR, export_topic, put_back
+    from sipstream.stages import build_stage
+
     tag = stamp()
     prefix = f"replay-{tag}.{cfg.bus.topic_prefix}"
     replay_cfg = apply_sets(merged(
@@ -439,28 +578,28 @@ def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, ov
         bus={"bootstrap_servers": bootstrap, "topic_prefix": prefix, "group_prefix": f"{cfg.bus.group_prefix}.replay-{tag}"},
     ), overrides)
     stage = build_stage(name, replay_cfg)
-    recorded = data.get("topics", {})
-    if stage.input_topic not in recorded:
-        raise UserError(f"run {run_dir} recorded no range of {stage.input_topic}, the input of stage {name}; "
-                        "pass the run directory of `sipstream run` (its manifest records every pipeline topic)")
     specs = T.load_specs(T.topics_dir(replay_cfg.bus))
     T.create_topics(replay_cfg.bus, bootstrap, specs)
 
     log = get_logger(component="replay", stage=name)
-    producer = Producer(producer_config(replay_cfg.bus, bootstrap, client_id=f"replay-{name}"))
+    recorded = data["topics"]
     copied: dict[str, int] = {}
-    for topic in (stage.input_topic, *stage.control_topics):
-        if topic not in recorded:
-            continue  # e.g. no weights were published: the stage starts from the initial policy
-        fetcher = RecordFetcher(cfg.bus, bootstrap, recorded[topic]["live_name"])
-        try:
-            copied[topic] = copy_range(fetcher, producer, replay_cfg.bus.topic(topic), recorded[topic]["partitions"])
-        finally:
-            fetcher.close()
-    if producer.flush(60):
-        raise UserError(f"copying the recorded input of stage {name} to {prefix}: records unacknowledged by {bootstrap}")
+    if archive is not None:
+        maps = put_back(str(archive), replay_cfg, bootstrap, inputs)
+        copied = {t: sum(len(m) for m in maps[t].values()) for t in inputs}
+    else:
+        producer = Producer(producer_config(replay_cfg.bus, bootstrap, client_id=f"replay-{name}"))
+        for topic in inputs:
+            fetcher = RecordFetcher(cfg.bus, bootstrap, recorded[topic]["live_name"])
+            try:
+                copied[topic] = copy_range(fetcher, producer, replay_cfg.bus.topic(topic), recorded[topic]["partitions"])
+            finally:
+                fetcher.close()
+        if producer.flush(60):
+            raise UserError(f"copying the recorded input of stage {name} to {prefix}: records unacknowledged by {bootstrap}")
     wanted = copied[stage.input_topic]
-    log.info("replaying stage", run=str(run_dir), records=wanted, topic_prefix=prefix)
+    log.info("replaying stage", run=str(run_dir), records=wanted, topic_prefix=prefix,
+             from_archive=str(archive) if archive else None)
 
     deadline = time.monotonic() + timeout_s
     runner = StageRunner(stage, replay_cfg, bootstrap, instance_id=f"replay-{name}-{tag}", specs=specs)
@@ -475,12 +614,19 @@ def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, ov
     manifest = {
         "format": M.FORMAT, "kind": "stage-replay", "created_at": M.now(), "run_name": replay_cfg.run_name,
         "stage": name, "config": replay_cfg.model_dump(mode="json"), "code": M.code_version(),
-        "seeds": {"root": replay_cfg.seed}, "bus": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
+        "seeds": {"root": replay_cfg.seed},
+        "bus": {"bootstrap_servers": bootstrap, "topic_prefix": prefix, "ephemeral": embedded},
         "topics": {t: M.topic_entry(replay_cfg.bus.topic(t), "consumed" if t in copied else "produced", ranges[t])
                    for t in ranges},
-        "replay_of": {"run_dir": str(run_dir.resolve()), "run_name": data["run_name"], "overrides": list(overrides)},
+        "replay_of": {"run_dir": str(run_dir.resolve()), "run_name": data["run_name"], "overrides": list(overrides),
+                      "from_archive": str(archive.resolve()) if archive else None},
+        **({"archive": ARCHIVE_DIR} if embedded else {}),
     }
     M.write_json(new_dir / M.MANIFEST_NAME, manifest)
+    if embedded:  # the replay's broker ends with it: keep what it wrote, as `sipstream run` does
+        for topic in ranges:
+            export_topic(topic, new_dir, str(new_dir / ARCHIVE_DIR), bootstrap=bootstrap)
     return StageReplay(stage=name, run_dir=new_dir, topic_prefix=prefix, input_records=wanted,
                        output_records=manifest["topics"].get(stage.output_topic, {}).get("records", 0),
-                       deadlettered=manifest["topics"].get(T.DEADLETTER, {}).get("records", 0))
+                       deadlettered=manifest["topics"].get(T.DEADLETTER, {}).get("records", 0),
+                       archive=new_dir / ARCHIVE_DIR if embedded else None)

@@ -107,13 +107,18 @@ def stage(
     out: OutOpt = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 3600.0,
 ) -> None:
-    """Re-run one stage over the input range a run recorded, into new topics (`replay-<stamp>.` prefix)."""
+    """Re-run one stage over the input range a run recorded, into new topics (`replay-<stamp>.` prefix).
+
+    A default `sipstream run` (in-memory broker, gone with the run) replays from its RUN_DIR/export/ archive,
+    on --bootstrap-servers or on an embedded broker started for the replay."""
     from sipstream.replay import replay_stage
 
     _logging()
     result = replay_stage(name, run, bootstrap=bootstrap_servers, overrides=sets or [], out_dir=out, timeout_s=timeout)
     typer.echo(f"stage {name}: {result.input_records} records in → {result.output_records} out, "
                f"{result.deadlettered} dead-lettered; topics under prefix {result.topic_prefix}; manifest in {result.run_dir}")
+    if result.archive is not None:
+        typer.echo(f"the replay ran on its own in-memory broker; its topics are archived in {result.archive}")
 
 
 def export_command(
@@ -145,11 +150,11 @@ def import_command(
     ] = None,
 ) -> None:
     """Put exported records back on a bus and write a run directory whose offsets point at them."""
-    from sipstream.bus.embedded import resolve_bootstrap
     from sipstream.config import load_config
-    from sipstream.export import import_export
+    from sipstream.export import import_export, read_export
 
+    read_export(source)  # a wrong folder is the error to report, whether or not a broker runs
     _logging()
     cfg = load_config(config, [*(sets or []), *([f"bus.bootstrap_servers={bootstrap_servers}"] if bootstrap_servers else [])])
-    out = import_export(source, cfg, resolve_bootstrap(cfg), run_dir=run_dir)
+    out = import_export(source, cfg, run_dir=run_dir)  # finds the broker after reading the export
     typer.echo(f"imported {source}; replay it with: sipstream replay learner --run {out}")

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 COMMANDS = [[], ["broker"], ["worker"], ["topics"], ["topics", "create"], ["topics", "list"],
-            ["topics", "describe"], ["topics", "sync"], ["config"], ["run"], ["ingest"], ["learner"]]
+            ["topics", "describe"], ["topics", "sync"], ["config"], ["run"], ["ingest"], ["learner"],
+            ["replay"], ["replay", "learner"], ["replay", "stage"], ["export"], ["import"]]
 
 
 def sipstream(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -23,7 +24,8 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "Usage: sipstream" in result.stdout
     if command:
-        assert "--config" in result.stdout or "Commands" in result.stdout
+        # Commands that read a recorded run take --run (its config is recorded) instead of --config.
+        assert "--config" in result.stdout or "Commands" in result.stdout or "--run" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,16 @@ def test_every_command_has_help(command: list[str]) -> None:
         (["topics", "list"], {}, "no broker: start one with `sipstream broker`"),
         (["topics", "list", "-b", "127.0.0.1:1"], {}, "no Kafka broker answered at 127.0.0.1:1"),
         (["broker", "--storage", "sqlite://x"], {}, "unsupported embedded storage 'sqlite://x'"),
+        (["replay", "learner"], {}, "replay learner needs --run RUN_DIR"),
+        (["replay", "learner", "--run", "/no/run"], {}, "no manifest.json in /no/run"),
+        (["replay", "learner", "--run", "/no/run", "--algo", "sgd"], {}, "--algo must be dpo, nll or pretrain"),
+        (["replay", "stage", "nope", "--run", "/no/run"], {}, "unknown stage 'nope'; choose one of: assemble, echo"),
+        (["replay", "stage", "judge", "--run", "/no/run"], {}, "no manifest.json in /no/run"),
+        (["export", "sip.pairs", "--run", "/no/run", "--to", "/tmp/x"], {}, "no manifest.json in /no/run"),
+        (["export", "sip.pairs", "--run", "/no/run", "--to", "/tmp/x", "--format", "csv"], {},
+         "--format must be jsonl or parquet, not 'csv'"),
+        # The wrong folder is what a user must fix first, whether a broker runs or not (none runs here).
+        (["import", "/no/such/export"], {}, "no export.json under /no/such/export"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args: list[str], env: dict, message: str) -> None:
@@ -50,3 +62,21 @@ def test_config_show_prints_the_resolved_config() -> None:
     result = sipstream("config", "--set", "rollout.rollouts=16", env={"SIPSTREAM_RUNNER__BATCH_SIZE": "3"})
     assert result.returncode == 0, result.stderr
     assert "rollouts: 16" in result.stdout and "batch_size: 3" in result.stdout
+
+
+def test_export_checks_the_broker_first_and_leaves_no_folder(tmp_path) -> None:
+    import json
+
+    from sipstream.config import Config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = {"format": 1, "kind": "learner", "run_name": "gone", "config": Config().model_dump(mode="json"),
+                "bus": {"bootstrap_servers": "127.0.0.1:1", "topic_prefix": ""},
+                "topics": {"sip.pairs": {"live_name": "sip.pairs", "role": "consumed", "partitions": {"0": [0, 3]},
+                                         "records": 3}}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = sipstream("export", "sip.pairs", "--run", str(run), "--to", str(tmp_path / "archive"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "no Kafka broker answered at 127.0.0.1:1" in result.stderr
+    assert not (tmp_path / "archive").exists()

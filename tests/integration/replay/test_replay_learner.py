@@ -176,3 +176,71 @@ def test_from_offsets_replays_a_range_the_same_way_with_or_without_the_run_dir(o
     end = partitions[str(last)][1]
     with pytest.raises(UserError, match=f"partition {last}"):
         replay_learner(None, from_offsets=f"{last}:{end + 5}-{end + 9}", config=cfg, handle_signals=False)
+
+
+def test_replay_with_pretrain_trains_the_next_token_baseline_on_the_same_records(original) -> None:
+    _, run_dir = original
+    result = replay_learner(run_dir, algo="pretrain", handle_signals=False)
+    assert result.algo == "pretrain" and result.original_algo == "dpo" and not result.identical
+    assert result.final_sha256 is not None and result.records == 12
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["learner"]["algo"] == "pretrain" and manifest["replay_of"]["algo"] == "dpo"
+    # Every distinct item's original suffix, the tie's too (pretrain has no preference to tie on).
+    assert manifest["learner"]["counters"]["pairs_trained"] == 10
+    looked_at = [tuple(r) for e in read_log(result.run_dir / "consumption.jsonl") for r in e["records"]]
+    assert looked_at == [tuple(r) for e in read_log(run_dir / "consumption.jsonl") for r in e["records"]]
+
+
+def test_a_pipeline_run_whose_broker_is_gone_replays_its_learner_from_the_archive(original, broker, tmp_path) -> None:
+    """What a default `sipstream run` leaves: an in-memory broker that ended with the run, every topic in
+    RUN_DIR/export/. The replay puts sip.pairs back on a broker of its own and follows the same log."""
+    import shutil
+
+    from sipstream.export import export_topic
+    from sipstream.manifest import pipeline_manifest
+
+    cfg, run_dir = original
+    pipeline_dir = tmp_path / "pipeline"
+    shutil.copytree(run_dir, pipeline_dir / cfg.run_name)
+    pipeline_manifest(pipeline_dir, cfg, broker.bootstrap_servers, topics=[T.PAIRS], ephemeral=True, archive="export")
+    export_topic(T.PAIRS, pipeline_dir, str(pipeline_dir / "export"), bootstrap=broker.bootstrap_servers)
+    for path in (pipeline_dir / "manifest.json", pipeline_dir / cfg.run_name / "manifest.json"):
+        manifest = json.loads(path.read_text())
+        manifest["bus"]["bootstrap_servers"] = "127.0.0.1:1"  # nothing answers there any more
+        path.write_text(json.dumps(manifest))
+
+    result = replay_learner(pipeline_dir, handle_signals=False)
+    assert result.identical and result.steps == 5
+    replayed = json.loads((result.run_dir / "manifest.json").read_text())
+    assert replayed["replay_of"]["from_archive"] == str((pipeline_dir / "export").resolve())
+    # The learner's own directory inside the pipeline's finds the same archive.
+    assert replay_learner(pipeline_dir / cfg.run_name, handle_signals=False).identical
+
+
+def test_a_topic_missing_from_a_live_broker_is_said_at_once(original, tmp_path) -> None:
+    import shutil
+    import time
+
+    import pytest
+
+    from sipstream.config import merged
+    from sipstream.errors import UserError
+    from sipstream.export import export_topic
+
+    cfg, run_dir = original
+    started = time.monotonic()
+    elsewhere = merged(cfg, bus={"topic_prefix": "never-created."})
+    with pytest.raises(UserError, match=f"topic never-created.{T.PAIRS} does not exist"):
+        replay_learner(None, from_offsets="0:0-3", config=elsewhere, handle_signals=False)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["topics"][T.PAIRS]["live_name"] = "never-created." + T.PAIRS
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"topic never-created.{T.PAIRS} does not exist"):
+        replay_learner(moved, handle_signals=False)
+    with pytest.raises(UserError, match=f"topic never-created.{T.PAIRS} does not exist"):
+        export_topic(T.PAIRS, moved, str(tmp_path / "archive"))
+    assert not (tmp_path / "archive").exists()  # nothing written for a failed export
+    assert time.monotonic() - started < 30  # three checks, none waiting on the fetcher's 30 s
