@@ -361,8 +361,11 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
         tails[T.WEIGHTS].poll(2.0)
         # The record of the run: topic ranges + the learner's manifest, for `sipstream replay`.
         ephemeral = broker is not None and cfg.bus.embedded.storage.startswith("memory://")
+        # CPU float sums depend on the thread count: a bit-identical replay of the learner uses its count.
+        threads = learner.env.get("OMP_NUM_THREADS") if learner.env else None
         pipeline_manifest(run_dir, cfg, bootstrap, begin, stages=PIPELINE, ephemeral=ephemeral,
-                          archive=ARCHIVE_DIR if ephemeral else None)
+                          archive=ARCHIVE_DIR if ephemeral else None,
+                          extra={"threads": {"learner": int(threads)}} if threads and threads.isdigit() else None)
         if ephemeral:
             # An in-memory broker forgets everything when it stops: archive every topic a stage or the
             # learner reads (`sipstream replay` puts them back), and the metrics and dead letters

@@ -14,6 +14,8 @@ Every learner run and every `sipstream run` writes `manifest.json` in its run di
                     (pipeline) each model's source and the sha256 of the files it resolves to here
     archive         (pipeline) where the run archived its topics when its broker was in memory
                     (`bus.ephemeral`: the broker, and every record on it, ended with the run)
+    threads         (pipeline) the learner's torch/OpenMP thread count: CPU float sums depend on it,
+                    so a bit-identical replay uses the same
     learner         (learner) algo, steps, final weights (version, step, sha256, uri), counters and the
                     consumption log (which records each step trained on, see learner/consumption.py)
 

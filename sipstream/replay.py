@@ -80,22 +80,45 @@ def require_topics(bus: Any, bootstrap: str, wanted: dict[str, list[int]], hint:
                             f"recorded partition {absent[0]}; {hint}")
 
 
-def archived(run_dir: Path, data: dict[str, Any]) -> Path | None:
-    """The archive folder of a run whose in-memory broker ended with it (None when its topics are live).
-
-    A learner run inside a `sipstream run` directory shares the pipeline's broker, so its archive."""
-    from sipstream.export import ARCHIVE_DIR
-
+def _pipeline_of(run_dir: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The `sipstream run` a learner run belongs to (its directory holds the pipeline's manifest), else itself."""
     if data.get("kind") == "learner" and (run_dir.parent / M.MANIFEST_NAME).is_file():
         try:
             parent = json.loads((run_dir.parent / M.MANIFEST_NAME).read_text(encoding="utf-8"))
         except ValueError:
             parent = {}
         if parent.get("kind") == "pipeline" and parent.get("learner_run") == run_dir.name:
-            run_dir, data = run_dir.parent, parent
+            return run_dir.parent, parent
+    return run_dir, data
+
+
+def archived(run_dir: Path, data: dict[str, Any]) -> Path | None:
+    """The archive folder of a run whose in-memory broker ended with it (None when its topics are live).
+
+    A learner run inside a `sipstream run` directory shares the pipeline's broker, so its archive."""
+    from sipstream.export import ARCHIVE_DIR
+
+    run_dir, data = _pipeline_of(run_dir, data)
     if not data.get("bus", {}).get("ephemeral"):
         return None
     return run_dir / data.get("archive", ARCHIVE_DIR)
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run with `count` torch threads (then the previous count): CPU float sums, and so the weights'
+    sha256, depend on how many threads add them up. None: leave it."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_archive(archive: Path, topics: Sequence[str], run_dir: Path) -> None:
@@ -377,6 +400,7 @@ class _Source:
     original: dict[str, Any] | None  # the recorded run's manifest, when there is one
     run_dir: Path | None
     archive: Path | None = None
+    threads: int | None = None  # the learner's thread count, where the run recorded it
 
 
 def _learner_source(run: str | Path | None, from_offsets: str | None, config: Any, bootstrap: str | None) -> _Source:
@@ -386,6 +410,7 @@ def _learner_source(run: str | Path | None, from_offsets: str | None, config: An
         given_dir, given = M.load_manifest(run)
         archive = archived(given_dir, given)
         run_dir, data = M.learner_manifest(given_dir, given)
+        threads = _pipeline_of(run_dir, data)[1].get("threads", {}).get("learner")
         cfg = recorded_config(data, run_dir)
         if from_offsets is None:
             log_info = data["learner"]["consumption_log"]
@@ -394,9 +419,10 @@ def _learner_source(run: str | Path | None, from_offsets: str | None, config: An
             sequence = offsets_sequence(parse_offsets(from_offsets))
         if archive is not None:
             check_archive(archive, [T.PAIRS], given_dir)
-            return _Source(cfg, sequence, "", bootstrap, data["learner"]["algo"], data, run_dir, archive)
+            return _Source(cfg, sequence, "", bootstrap, data["learner"]["algo"], data, run_dir, archive, threads)
         return _Source(cfg, sequence, data["topics"][T.PAIRS]["live_name"],
-                       bootstrap or data["bus"]["bootstrap_servers"], data["learner"]["algo"], data, run_dir)
+                       bootstrap or data["bus"]["bootstrap_servers"], data["learner"]["algo"], data, run_dir,
+                       threads=threads)
     if from_offsets is None or config is None:
         raise UserError("replay learner needs --run RUN_DIR, or --from-offsets with the config that names the bus "
                         "and the initial policy (--config)")
@@ -483,15 +509,17 @@ def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | N
 
     original_sha = (data["learner"].get("final_weights") or {}).get("sha256") if data else None
     get_logger(component="replay").info("replaying learner", run=str(run_dir), from_offsets=from_offsets,
-                                        records=len(sequence), algo=replay_cfg.learner.algo, into=replay_cfg.run_name)
+                                        records=len(sequence), algo=replay_cfg.learner.algo, into=replay_cfg.run_name,
+                                        threads=src.threads)
     extra = {"replay_of": {"run_dir": str(run_dir.resolve()) if run_dir else None,
                            "run_name": data["run_name"] if data else None, "algo": original_algo,
                            "final_sha256": original_sha, "records": len(sequence),
                            "from_offsets": {"topic": source_topic, "ranges": from_offsets} if from_offsets else None,
                            "from_archive": str(src.archive.resolve()) if src.archive else None}}
     initial = data["models"]["policy"]["initial_sha256"] if data and same_policy else None
-    state = run_learner(replay_cfg, bootstrap, learner=replay_cfg.learner, pair_reader=reader,
-                        handle_signals=handle_signals, manifest_extra=extra, expect_initial_sha256=initial)
+    with torch_threads(src.threads):
+        state = run_learner(replay_cfg, bootstrap, learner=replay_cfg.learner, pair_reader=reader,
+                            handle_signals=handle_signals, manifest_extra=extra, expect_initial_sha256=initial)
     new_dir = Path(replay_cfg.run_dir) / replay_cfg.run_name
     _, new = M.load_manifest(new_dir)
     return LearnerReplay(run_dir=new_dir, algo=replay_cfg.learner.algo, original_algo=original_algo,
