@@ -386,7 +386,8 @@ def eval_command(
 
 @app.command()
 def experiment(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML, e.g. configs/experiments/cpu.yaml.")],
+    config: Annotated[Path, typer.Argument(help="Experiment YAML, e.g. configs/experiments/cpu.yaml; or a finished "
+                                                 "experiment's results.json to rewrite its tables and plots.")],
     sets: Annotated[
         Optional[list[str]],
         typer.Option("--set", "-s", help="Override an experiment field, e.g. --set seeds=[1] or --set steps=4.",
@@ -403,6 +404,13 @@ def experiment(
     from sipstream.logs import configure_logging
 
     configure_logging(LoggingConfig())
+    if config.suffix == ".json":
+        from sipstream.experiment import resummarise
+
+        if sets:
+            raise UserError("--set changes an experiment to run; a results.json is only re-summarised")
+        typer.echo(resummarise(config).read_text())
+        return
     exp = load_experiment(config, sets or [])
     command = " ".join(["sipstream experiment", str(config), *(f"--set {s}" for s in sets or [])])
     out = run_experiment(exp, command=command, bootstrap=bootstrap_servers)

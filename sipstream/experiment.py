@@ -408,7 +408,11 @@ def markdown(results: dict[str, Any]) -> str:
         bad_kinds = " / ".join(str(bad.get(k, 0)) for k in ("original", "rewrite", "rollout"))
         lines.append(f"| {seed} | {data.get('items', '–')} | {st['with_pair']} | {kinds} | {bad_kinds} | "
                      f"{data['seconds']:.0f} |")
-    lines += ["", f"Total time {results['seconds'] / 60:.1f} min. Command: `{results['command']}`", ""]
+    lines += ["", f"Total time {results['seconds'] / 60:.1f} min. Command: `{results['command']}`"]
+    if results.get("resummarised_at"):
+        lines.append(f"Tables and plots rewritten {results['resummarised_at']} from this run's per-seed evaluations "
+                     "(`sipstream experiment results.json`); the measurements are unchanged.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -561,6 +565,35 @@ def _write(out: Path, results: dict[str, Any], exp: ExperimentConfig) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if results["seeds"]:
         (out / "results.md").write_text(markdown(results))
+
+
+def resummarise(results_json: str | Path, out: str | Path | None = None, prefix: str = "results") -> Path:
+    """Rewrite the summary, markdown table and plots of a finished experiment from its `results.json`
+    (per-seed evaluations are kept as measured), e.g. after the tables gained a column. Writes
+    `<prefix>.json`, `<prefix>.md` and `<prefix>-metrics.png` / `<prefix>-curriculum.png` (plain
+    `metrics.png` / `curriculum.png` for the default prefix) into ``out`` (default: beside the input)."""
+    source = Path(results_json)
+    try:
+        results = json.loads(source.read_text())
+        arms, seeds = results["config"]["arms"], results["seeds"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{source}: not an experiment's results.json ({exc})") from None
+    out = Path(out) if out is not None else source.parent
+    out.mkdir(parents=True, exist_ok=True)
+    results["summary"] = summarise({int(k): v for k, v in seeds.items()}, arms)
+    results["resummarised_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tmp = out / f".plots-{prefix}"
+    tmp.mkdir(exist_ok=True)
+    names = []
+    for name in plot(results, tmp):
+        target = name if prefix == "results" else f"{prefix}-{name}"
+        (tmp / name).replace(out / target)
+        names.append(target)
+    tmp.rmdir()
+    results["plots"] = names
+    (out / f"{prefix}.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{prefix}.md").write_text(markdown(results))
+    return out / f"{prefix}.md"
 
 
 def _online_seed(cfg: Any, exp: ExperimentConfig, documents: list[dict], seed_dir: Path, log: Any) -> dict[str, Any]:
