@@ -99,9 +99,12 @@ def archived(run_dir: Path, data: dict[str, Any]) -> Path | None:
     from sipstream.export import ARCHIVE_DIR
 
     run_dir, data = _pipeline_of(run_dir, data)
-    if not data.get("bus", {}).get("ephemeral"):
-        return None
-    return run_dir / data.get("archive", ARCHIVE_DIR)
+    ephemeral = data.get("bus", {}).get("ephemeral")
+    if ephemeral is None and data.get("kind") == "pipeline":  # written before `bus.ephemeral` was recorded
+        bus = data.get("config", {}).get("bus", {})
+        ephemeral = bus.get("bootstrap_servers") is None and str(bus.get("embedded", {}).get("storage")).startswith(
+            "memory://")
+    return run_dir / data.get("archive", ARCHIVE_DIR) if ephemeral else None
 
 
 @contextmanager

@@ -73,3 +73,20 @@ def test_model_source_records_files_where_there_are_some(tmp_path) -> None:
     assert unbuilt["sha256"] is None and "does not exist" in unbuilt["why"]
     served = model_source(ModelSpec(backend="openai", openai_model="big-judge"))
     assert served["sha256"] is None and served["openai_model"] == "big-judge"
+
+
+def test_a_run_on_an_in_memory_broker_is_read_from_its_archive_older_manifests_too(tmp_path) -> None:
+    from sipstream.replay import archived
+
+    embedded = {"bootstrap_servers": None, "embedded": {"storage": "memory://tansu/"}}
+    marked = {"kind": "pipeline", "bus": {"ephemeral": True}, "archive": "export", "config": {"bus": embedded}}
+    assert archived(tmp_path, marked) == tmp_path / "export"
+    assert archived(tmp_path, marked | {"bus": {"ephemeral": False}}) is None
+    # Before `bus.ephemeral` was recorded: the recorded config says whether the run started its own memory broker.
+    assert archived(tmp_path, {"kind": "pipeline", "bus": {}, "config": {"bus": embedded}}) == tmp_path / "export"
+    cluster = {"bootstrap_servers": "kafka:9092", "embedded": {"storage": "memory://tansu/"}}
+    assert archived(tmp_path, {"kind": "pipeline", "bus": {}, "config": {"bus": cluster}}) is None
+    # The learner inside a `sipstream run` directory shares the pipeline's broker.
+    (tmp_path / "manifest.json").write_text(json.dumps(marked | {"learner_run": "tiny"}))
+    assert archived(tmp_path / "tiny", {"kind": "learner", "bus": {}}) == tmp_path / "export"
+    assert archived(tmp_path / "other", {"kind": "learner", "bus": {}}) is None
