@@ -4,6 +4,9 @@
     python -m benchmarks                    # the real models of configs/tiny.yaml (64 min on a shared 2-core machine);
                                             # writes benchmarks/results/suite.json and suite.md
     python -m benchmarks --only broker judge --out /tmp/bench
+    python -m benchmarks --only learner memory --merge   # re-run some sections of the committed full run:
+                                            # they replace theirs in benchmarks/results/suite.json, suite.md is
+                                            # rendered again from it and says which sections were re-run when
 
 Sections (each a module `benchmarks/bench_<name>.py` with `run(ctx) -> Section`): bus, broker, rollout,
 judge, learner, memory (full mode only: a whole `sipstream run`).
@@ -46,15 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"run only these sections ({', '.join(SECTIONS)})")
     parser.add_argument("--out", type=Path,
                         help="directory for suite.json and suite.md (default: benchmarks/results for a full run "
-                             "of every section, a new temp dir otherwise)")
-    return parser.parse_args(argv)
+                             "of every section or --merge, a new temp dir otherwise)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace the sections run in the suite.json already in the output directory (a full "
+                             "run's), keeping the others, and record when they were re-run")
+    args = parser.parse_args(argv)
+    if args.merge and (args.quick or not args.only):
+        parser.error("--merge re-runs some sections of a full run: give --only NAME ..., without --quick")
+    return args
 
 
 def output_dir(args: argparse.Namespace) -> Path:
     """Only a full run of every section replaces the committed results."""
     if args.out is not None:
         return args.out
-    if not args.quick and not args.only:
+    if args.merge or (not args.quick and not args.only):
         return RESULTS
     return Path(tempfile.mkdtemp(prefix="sipstream-bench-"))
 
@@ -64,13 +73,15 @@ def run_section(name: str, ctx: Context) -> dict[str, Any]:
     if ctx.quick and name in FULL_ONLY:
         return skipped(module.TITLE, "full mode only (a whole `sipstream run` with the real models)")
     started = time.perf_counter()
+    load_before = round(os.getloadavg()[0], 2)
     try:
         section: Section = module.run(ctx)
     except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others' results
         traceback.print_exc()
         return {"title": module.TITLE, "error": f"{type(exc).__name__}: {exc}"}
     section.seconds = time.perf_counter() - started
-    return section.to_json()
+    # Other jobs' load is what moves absolute rates on a shared machine: kept next to each section.
+    return section.to_json() | {"load_average": [load_before, round(os.getloadavg()[0], 2)]}
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -92,10 +103,19 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     if results.get("caveat"):
         lines += ["", f"**Caveat:** {results['caveat']}"]
+    for merge in results.get("merged", []):
+        names = ", ".join(merge["sections"])
+        lines += ["", (f"**Re-run later and merged in:** {names} on {merge['date']} (`python -m benchmarks --only "
+                       f"{' '.join(merge['sections'])} --merge`, {merge['seconds']:.0f} s, load average "
+                       f"{merge['load_average'][0]} at start, {merge['load_average'][1]} at the end; code "
+                       f"{merge['git_commit']}{' + local changes' if merge['git_dirty'] else ''}): these sections "
+                       "replace the full run's, the others are from the full run above.")]
     lines += ["", "## Targets", "", "| section | target | measured | goal | met |", "|---|---|---|---|---|"]
     for name, section in results["sections"].items():
         for target in section.get("targets", []):
-            lines.append(f"| {name} | {target['label']} | {target['value']:.2f}× | ≥ {target['goal']}× | "
+            # The section's own metric, so the two tables print one number the same way.
+            value = section["metrics"].get(target["key"], target["value"])
+            lines.append(f"| {name} | {target['label']} | {fmt_number(value, '×')} | ≥ {target['goal']}× | "
                          f"{'met' if target['met'] else '**not met**'} |")
     for name, section in results["sections"].items():
         lines += ["", f"## {section['title']}", ""]
@@ -105,7 +125,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         if "error" in section:
             lines.append(f"**Failed:** {section['error']}")
             continue
-        lines += [f"Setup: {section['setup']}. ({section['seconds']:.0f} s)", "", "| measure | value |", "|---|---|"]
+        load = section.get("load_average")
+        when = f"{section['seconds']:.0f} s" + (f", load average {load[0]} → {load[1]}" if load else "")
+        lines += [f"Setup: {section['setup']}. ({when})", "", "| measure | value |", "|---|---|"]
         for key, value in section["metrics"].items():
             label = next((t["label"] for t in section["targets"] if t["key"] == key), None)
             unit = section["units"][key]
@@ -126,6 +148,26 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append("")
             lines += [f"- {note}" for note in section["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def merged_into(path: Path, rerun: dict[str, Any]) -> dict[str, Any]:
+    """The full run in `path` with the re-run sections replacing its own, and a record of the re-run."""
+    if not path.exists():
+        raise SystemExit(f"--merge: no {path} to merge into; run the full suite first")
+    results = json.loads(path.read_text())
+    if results.get("quick"):
+        raise SystemExit(f"--merge: {path} holds a quick run; merge only into a full run")
+    machine = rerun["machine"]
+    # A section that failed keeps the full run's results (its error is printed, and the exit code says so).
+    done = {name: section for name, section in rerun["sections"].items() if "error" not in section}
+    if done:
+        results.setdefault("merged", []).append({
+            "sections": list(done), "date": machine["date"], "seconds": rerun["seconds"],
+            "load_average": [machine["load_average_at_start"][0], rerun["load_average_at_end"]],
+            "git_commit": machine["git_commit"], "git_dirty": machine["git_dirty"],
+        })
+    results["sections"].update(done)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,15 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
     load = os.getloadavg()[0]
+    results["load_average_at_end"] = round(load, 2)
     if load > (os.cpu_count() or 1) * 0.75 or results["machine"]["load_average_at_start"][0] > 0.5:
         results["caveat"] = (f"other work shared the CPU (load average {results['machine']['load_average_at_start'][0]} "
                              f"at start, {load:.2f} at the end on {os.cpu_count()} cores): absolute rates are low and "
                              "noisy; the ratios, measured side by side, are what count.")
+    ran = results["sections"]
+    if args.merge:
+        results = merged_into(out / "suite.json", results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = render_markdown(results)
     (out / "suite.md").write_text(markdown)
     print(markdown)
     print(f"[bench] results in {out}/suite.json and suite.md", file=sys.stderr, flush=True)
-    failed = [name for name, section in results["sections"].items() if "error" in section]
+    failed = [name for name, section in ran.items() if "error" in section]
     return 1 if failed else 0

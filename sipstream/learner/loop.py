@@ -166,7 +166,11 @@ def build_policy(policy_spec: Any, cfg: LearnerConfig, dist: DistInfo = SINGLE_P
     reference = None
     if ALGOS[cfg.algo].needs_reference:
         reference = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    # fused: one pass over each parameter tensor per step. torch's default on CPU makes about eight
+    # elementwise passes over all the weights with full-size temporaries (benchmarks/results/learner_vs_bare.md).
+    # A checkpoint keeps the flag: runs resumed from older checkpoints continue unfused, bit for bit.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                  fused=device_type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and device_type == "cuda")
     return Policy(hf, model, wrap_model(model, dist, device_type), reference, optimizer, scheduler, device, bf16,
