@@ -81,7 +81,7 @@ def test_a_smoke_experiment_trains_every_arm_on_the_same_pairs_and_evaluates_the
         assert (out / png).stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-wide", "gpu", "smoke"])
 def test_the_shipped_experiment_configs_validate_with_their_base_configs(name: str) -> None:
     from sipstream.config import load_config
     from sipstream.eval import EvalConfig
@@ -100,3 +100,50 @@ def test_a_bad_experiment_config_is_one_clear_error(tmp_path) -> None:
         load_experiment(path)
     with pytest.raises(UserError, match="not found"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+@pytest.mark.slow
+def test_an_online_smoke_experiment_runs_the_whole_loop_for_each_arm(tmp_path) -> None:
+    """`mode: online` (the GPU config's mode) on CPU with tiny random models: every arm runs `sipstream run` with
+    its own algorithm on the same documents, publishes the same number of versions and is evaluated."""
+    import yaml
+
+    exp = load_experiment("configs/experiments/smoke.yaml",
+                          [f"out_dir={tmp_path}", "mode=online", "seeds=[1]", "documents=2", "arms=[pretrain, dpo]"])
+    out = run_experiment(exp, command="test")
+    results = json.loads((out / "results.json").read_text())
+    record = results["seeds"]["1"]
+    assert set(record["arms"]) == {"pretrain", "dpo"}  # nll takes the same path (the shared-mode test has all three)
+    for arm, data in record["arms"].items():
+        run_dir = __import__("pathlib").Path(data["run_dir"])
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["learner"]["algo"] == arm
+        assert data["steps"] == exp.steps  # the run stopped at the same number of policy updates
+        assert record["evals"][arm]["vs_start"]["win_rate"]["n"] == exp.evaluation["winrate_prompts"]
+    assert record["stream"]["pairs"] > 0
+    assert record["curriculum"] and all(k.isdigit() for k in record["curriculum"])  # by policy version
+    assert results["curriculum_axis"] == "policy version"
+    assert set(results["summary"]["vs_pretrain"]) == {"dpo"}
+
+
+def test_a_finished_experiment_is_resummarised_from_its_results_json(tmp_path) -> None:
+    """`sipstream experiment RESULTS.json` rewrites tables and plots from the per-seed evaluations as measured."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "results.json"
+    shutil.copy("benchmarks/results/experiment-cpu.json", source)
+    before = json.loads(source.read_text())
+    done = subprocess.run([sys.executable, "-m", "sipstream", "experiment", str(source)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = json.loads(source.read_text())
+    assert after["seeds"] == before["seeds"]  # the measurements are untouched
+    assert "## Against the `pretrain` arm" in done.stdout and (tmp_path / "results.md").read_text() in done.stdout
+    assert all((tmp_path / png).stat().st_size > 1000 for png in after["plots"])
+    bad = tmp_path / "other.json"
+    bad.write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "sipstream", "experiment", str(bad)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "not an experiment's results.json" in done.stderr
+    assert "Traceback" not in done.stderr
