@@ -154,6 +154,7 @@ class StatusWatcher:
         self._tails = {t: TopicTail(bootstrap, cfg.bus.topic(t), live[cfg.bus.topic(t)], on_record=callbacks.get(t),
                                     client=client_settings(cfg.bus)) for t in self.topics}
         self._committed = CommittedOffsets(admin_config(cfg.bus, bootstrap))
+        self._committed_now: dict[str, dict[int, int]] = {}  # read by the latest poll(), before the ends
 
     def _on_metrics(self, record: Any) -> None:
         if isinstance(record, dict) and "source" in record and "ts" in record:
@@ -173,8 +174,13 @@ class StatusWatcher:
                                                                     "offset", "ts")})
 
     def poll(self, wait_s: float = 0.05) -> None:
-        """Read what is new on every topic (waiting up to `wait_s` per topic for records in flight) and
-        remember the end offsets with the time."""
+        """Read the groups' committed offsets, then what is new on every topic (waiting up to `wait_s` per
+        topic for records in flight), and remember the end offsets with the time.
+
+        Committed offsets first: a stage commits only records that exist, so the ends read afterwards are
+        never behind them. The other way round, a running stage can commit past the end just read, and its
+        lag shows 0 while it has work."""
+        self._committed_now = self._read_committed()
         for topic, tail in self._tails.items():
             tail.poll(wait_s)
             now = time.monotonic()
@@ -182,6 +188,12 @@ class StatusWatcher:
             history.append((now, sum(tail.next_offsets.values())))
             while len(history) > 2 and now - history[1][0] >= RATE_WINDOW_S:
                 history.popleft()
+
+    def _read_committed(self) -> dict[str, dict[int, int]]:
+        """{stage: its group's committed offsets on its input topic}."""
+        return {stage: self._committed.get(f"{self.cfg.bus.group_prefix}.{stage}", self.cfg.bus.topic(topic),
+                                           range(self._tails[topic].partitions))
+                for stage, topic in STAGE_INPUTS.items() if topic in self._tails}
 
     def _lag(self) -> list[StageLag]:
         rows = []
@@ -191,7 +203,7 @@ class StatusWatcher:
             group = f"{self.cfg.bus.group_prefix}.{stage}"
             live = self.cfg.bus.topic(topic)
             tail = self._tails[topic]
-            committed = self._committed.get(group, live, range(tail.partitions))
+            committed = self._committed_now.get(stage, {})
             if not committed and stage not in PIPELINE_STAGES:
                 continue  # a diagnostics stage that never ran
             end = sum(tail.next_offsets.values())

@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from sipstream.bus import topics as T
 from sipstream.bus.broker import free_port
 from sipstream.bus.runner import StageRunner
@@ -254,3 +256,175 @@ def test_status_once_prints_tables(bus) -> None:
     snap = run_status(bus.cfg, bus.bootstrap, once=True, interval_s=0.2, console=console)
     text = console.export_text()
     assert "sipstream status" in text and bus.topic(T.DOCUMENTS) in text and snap.deadletters == 0
+
+
+# --------------------------------------------------------------------------- the whole loop, as a user sees it
+
+# A stage's throughput is the rate of the topic it writes.
+STAGE_OUTPUTS = {"split": T.PREFIXES, "rewrite": T.REWRITTEN, "rollout": T.ROLLOUTS, "judge": T.JUDGED,
+                 "assemble": T.PAIRS}
+MUST_MOVE = ("split", "rollout", "judge", "assemble")
+
+
+class GroupOffsets:
+    """The test's own reading of the bus, apart from sipstream's: end offsets by consuming every record
+    (the embedded broker's watermarks are wrong) and each stage group's committed offsets."""
+
+    def __init__(self, bus) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from sipstream.bus.lag import STAGE_INPUTS, PIPELINE_STAGES
+
+        self.bus = bus
+        self.inputs = {stage: STAGE_INPUTS[stage] for stage in PIPELINE_STAGES}
+        self.partitions = {name: T.load_specs()[name].partitions for name in set(self.inputs.values())}
+        self.ends: dict[str, dict[int, int]] = {name: {} for name in self.partitions}
+        self.reader = Consumer({"bootstrap.servers": bus.bootstrap, "group.id": "test-end-offsets",
+                                "enable.auto.commit": False})
+        self.reader.assign([TopicPartition(bus.topic(name), p, 0) for name, n in self.partitions.items() for p in range(n)])
+        self.probes = {stage: Consumer({"bootstrap.servers": bus.bootstrap, "group.id": f"{bus.cfg.bus.group_prefix}.{stage}",
+                                        "enable.auto.commit": False}) for stage in self.inputs}
+        self.names = {bus.topic(name): name for name in self.partitions}
+
+    def end(self, wait_s: float = 0.5, max_s: float = 5.0) -> dict[str, int]:
+        """{input topic: sum of end offsets}: read until nothing arrives for `wait_s` (caught up), or for
+        `max_s` while the loop keeps producing (by then past every record that existed when it began)."""
+        started = time.monotonic()
+        while time.monotonic() - started < max_s:
+            msgs = [m for m in self.reader.consume(1000, timeout=wait_s) if m.error() is None]
+            if not msgs:
+                break
+            for m in msgs:
+                ends = self.ends[self.names[m.topic()]]
+                ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
+        return {name: sum(ends.values()) for name, ends in self.ends.items()}
+
+    def committed(self) -> dict[str, int]:
+        """{stage: sum of its group's committed offsets on its input topic} (0 where never committed)."""
+        from confluent_kafka import TopicPartition
+
+        out = {}
+        for stage, name in self.inputs.items():
+            wanted = [TopicPartition(self.bus.topic(name), p) for p in range(self.partitions[name])]
+            out[stage] = sum(max(tp.offset, 0) for tp in self.probes[stage].committed(wanted, timeout=10))
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+        for probe in self.probes.values():
+            probe.close()
+
+
+def _status_json(bus, config: Path, interval_s: float) -> dict:
+    """`sipstream status --json`, as a user runs it next to a running loop."""
+    cmd = [sys.executable, "-m", "sipstream", "status", "--config", str(config), "-b", bus.bootstrap, "--json",
+           "--interval", str(interval_s), "--set", f"bus.topic_prefix={bus.cfg.bus.topic_prefix}",
+           "--set", f"bus.group_prefix={bus.cfg.bus.group_prefix}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "SIPSTREAM_HOME": "/nonexistent"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def _check_lag(snap: dict, ends: tuple[dict[str, int], dict[str, int]], committed: tuple[dict[str, int], dict[str, int]],
+               inputs: dict[str, str]) -> None:
+    """Each pipeline stage's row lies between the test's own readings before and after the status call."""
+    rows = {row["stage"]: row for row in snap["lag"]}
+    for stage, name in inputs.items():
+        row = rows[stage]
+        (end_before, end_after), (done_before, done_after) = (e[name] for e in ends), (c[stage] for c in committed)
+        done = row["committed"] or 0
+        assert end_before <= row["end"] <= end_after, (stage, row, end_before, end_after)
+        assert done_before <= done <= done_after, (stage, row, done_before, done_after)
+        assert row["lag"] == row["end"] - done, (stage, row)
+
+
+def _watch(proc: subprocess.Popen, log: Path, bus, config: Path, offsets: GroupOffsets,
+           timeout_s: float) -> tuple[set[str], list[dict], int]:
+    """Poll status until the stages of MUST_MOVE have shown throughput and a learner row a published policy;
+    check every snapshot's lag against readings taken just before and just after it."""
+    moving: set[str] = set()
+    learner: list[dict] = []
+    polls = 0
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        end_before, committed_before = offsets.end(wait_s=0.2), offsets.committed()
+        snap = _status_json(bus, config, interval_s=1.5)
+        _check_lag(snap, (end_before, offsets.end()), (committed_before, offsets.committed()), offsets.inputs)
+        polls += 1
+        rates = {t["topic"]: t["records_per_s"] for t in snap["topics"]}
+        moving |= {stage for stage, name in STAGE_OUTPUTS.items() if (rates[bus.topic(name)] or 0) > 0}
+        learner = [row for row in snap["learner"] if (row["policy_version"] or 0) >= 1 and (row["step"] or 0) >= 1]
+        print(f"status call {polls} at {time.monotonic() - started:.0f}s: moving {sorted(moving)}, "
+              f"learner {[(row['step'], row['policy_version']) for row in snap['learner']]}")
+        if set(MUST_MOVE) <= moving and learner and (snap["latest_policy_version"] or 0) >= 1:
+            break
+    return moving, learner, polls
+
+
+def _trickle(bus, stop: threading.Event, every_s: float) -> None:
+    """Documents keep arriving while the loop runs (as from a live `sipstream ingest`), so the split stage
+    moves whenever status looks, not only in the burst of the run's own ingestion."""
+    from sipstream.eval.heldout import training_corpus
+    from sipstream.ingest import produce_documents
+
+    corpus = list(training_corpus())
+    n = 0
+    while not stop.wait(every_s):
+        doc = corpus[n % len(corpus)]
+        produce_documents(bus.cfg.bus, bus.bootstrap, [{**doc, "doc_id": f"{doc['doc_id']}.again{n}"}])
+        n += 1
+
+
+@pytest.mark.slow
+def test_status_of_the_running_loop_shows_every_stage_moving_and_each_groups_true_lag(bus, tmp_path) -> None:
+    """`sipstream run` on tiny random models against the test's broker; `sipstream status --json` polled from
+    outside until the split, rollout, judge and assemble stages have shown throughput and the learner has
+    published a policy; lag checked against the groups' committed offsets read here, while running and
+    once the run was stopped mid-flight (then exactly, and every rate is 0)."""
+    import signal
+
+    config = ROOT / "configs" / "smoke.yaml"
+    # More documents than the test waits for: the run is stopped once status has shown everything (about
+    # 40 s on an idle 2-core machine; the generous limit is for a busy one).
+    run = [sys.executable, "-m", "sipstream", "run", "--config", str(config), "-b", bus.bootstrap,
+           "--max-documents", "40", "--set", f"run_dir={tmp_path}", "--set", f"bus.topic_prefix={bus.cfg.bus.topic_prefix}",
+           "--set", f"bus.group_prefix={bus.cfg.bus.group_prefix}"]
+    started = time.monotonic()
+    offsets = GroupOffsets(bus)
+    stop_trickle = threading.Event()
+    trickle = threading.Thread(target=_trickle, args=(bus, stop_trickle, 1.0), daemon=True)
+    try:
+        with open(tmp_path / "run.log", "w") as log:
+            proc = subprocess.Popen(run, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)})
+            trickle.start()
+            try:
+                moving, learner, polls = _watch(proc, tmp_path / "run.log", bus, config, offsets, timeout_s=150)
+            finally:
+                stop_trickle.set()
+                trickle.join(30)
+                proc.send_signal(signal.SIGTERM)  # stopped mid-flight: workers commit what they finished and leave
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        assert set(MUST_MOVE) <= moving, f"after {polls} status calls only {sorted(moving)} showed throughput"
+        assert learner, f"no learner row with a published policy after {polls} status calls"
+
+        # At rest: nothing produces any more, so status agrees exactly with the test's reading and no topic moves.
+        ends, committed = offsets.end(), offsets.committed()
+        snap = _status_json(bus, config, interval_s=0.5)
+        assert (offsets.end(), offsets.committed()) == (ends, committed)
+    finally:
+        offsets.close()
+    lag = {row["stage"]: row for row in snap["lag"]}
+    for stage, name in offsets.inputs.items():
+        assert (lag[stage]["end"], lag[stage]["committed"] or 0, lag[stage]["lag"]) == \
+            (ends[name], committed[stage], ends[name] - committed[stage]), stage
+    print(f"{polls} status calls, {time.monotonic() - started:.0f}s; lag at rest "
+          + ", ".join(f"{s} {row['lag']}" for s, row in lag.items()))
+    assert any(row["lag"] > 0 for row in lag.values()), "stopped mid-flight, some stage has work waiting"
+    assert all(t["records_per_s"] == 0 for t in snap["topics"]), snap["topics"]
