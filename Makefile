@@ -36,8 +36,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# bench: every benchmark section with tiny random models (~1.5 min; results in a temp dir).
-# bench-full: the real models (~25 min on 2 cores); rewrites benchmarks/results/suite.{json,md}.
+# bench: every benchmark section with tiny random models (123 s measured on 2 shared cores; results in a temp dir).
+# bench-full: the real models (64 min measured on 2 cores at a load of 4-6); rewrites benchmarks/results/suite.{json,md}.
+#   Some sections only: .venv/bin/python -m benchmarks --only learner memory --merge (merged into suite.json).
 bench: install
 	$(PY) -m benchmarks --quick
 

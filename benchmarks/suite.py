@@ -1,6 +1,6 @@
 """The benchmark suite: every section against its baseline, measured in the same run, on one broker.
 
-    python -m benchmarks --quick            # tiny random models, ~1.5 min; CI runs it (writes to a temp dir)
+    python -m benchmarks --quick            # tiny random models, ~2 min; CI runs it (writes to a temp dir)
     python -m benchmarks                    # the real models of configs/tiny.yaml (64 min on a shared 2-core machine);
                                             # writes benchmarks/results/suite.json and suite.md
     python -m benchmarks --only broker judge --out /tmp/bench
@@ -44,7 +44,7 @@ FULL_ONLY = {"memory"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="tiny random models and small counts (~1.5 min); writes to a temp dir unless --out")
+                        help="tiny random models and small counts (~2 min); writes to a temp dir unless --out")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), metavar="NAME",
                         help=f"run only these sections ({', '.join(SECTIONS)})")
     parser.add_argument("--out", type=Path,
@@ -105,7 +105,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"**Caveat:** {results['caveat']}"]
     for merge in results.get("merged", []):
         names = ", ".join(merge["sections"])
-        lines += ["", (f"**Re-run later and merged in:** {names} on {merge['date']} (`python -m benchmarks --only "
+        cpu = (f" on {merge['cpu_count']} × {merge['cpu_model']} ({merge['torch_threads']} torch threads)"
+               if "cpu_model" in merge else "")
+        lines += ["", (f"**Re-run later and merged in:** {names} on {merge['date']}{cpu} (`python -m benchmarks --only "
                        f"{' '.join(merge['sections'])} --merge`, {merge['seconds']:.0f} s, load average "
                        f"{merge['load_average'][0]} at start, {merge['load_average'][1]} at the end; code "
                        f"{merge['git_commit']}{' + local changes' if merge['git_dirty'] else ''}): these sections "
@@ -163,6 +165,8 @@ def merged_into(path: Path, rerun: dict[str, Any]) -> dict[str, Any]:
     if done:
         results.setdefault("merged", []).append({
             "sections": list(done), "date": machine["date"], "seconds": rerun["seconds"],
+            "cpu_count": machine["cpu_count"], "cpu_model": machine["cpu_model"],
+            "torch_threads": machine["torch_threads"],
             "load_average": [machine["load_average_at_start"][0], rerun["load_average_at_end"]],
             "git_commit": machine["git_commit"], "git_dirty": machine["git_dirty"],
         })

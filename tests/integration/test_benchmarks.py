@@ -82,9 +82,10 @@ def test_merged_sections_replace_the_full_runs_and_say_when(tmp_path: Path) -> N
     assert results["sections"]["learner"]["metrics"]["ratio"] == 1.23
     assert "error" not in results["sections"]["memory"]  # a failed re-run keeps the full run's section
     assert results["merged"] == [{"sections": ["learner"], "date": "2026-02-02T00:00:00+00:00", "seconds": 5.0,
+                                  "cpu_count": 2, "cpu_model": "cpu", "torch_threads": 2,
                                   "load_average": [0.1, 0.3], "git_commit": "def", "git_dirty": False}]
     markdown = render_markdown(results)
-    assert "**Re-run later and merged in:** learner on 2026-02-02" in markdown
+    assert "**Re-run later and merged in:** learner on 2026-02-02T00:00:00+00:00 on 2 × cpu (2 torch threads)" in markdown
     # 0.7454 printed from two roundings used to read 0.74× in one table and 0.75× in the other.
     old = render_markdown(full)
     assert old.count("0.75×") == 2 and "0.74×" not in old
