@@ -180,7 +180,12 @@ def _from_record(
     doc_id = record.get(id_field) if id_field else None
     doc_id = str(doc_id) if doc_id not in (None, "") else content_doc_id(text)
     meta = {k: v for k, v in record.items() if k not in (text_field, id_field)}
-    return {"doc_id": doc_id[:200], "text": text, "source": f"{path}#{position}", "meta": meta}
+    doc = {"doc_id": doc_id[:200], "text": text, "source": f"{path}#{position}", "meta": meta}
+    try:  # an escaped lone surrogate ("\ud800") in another field is valid JSON but cannot be produced as UTF-8
+        T.encode_value(doc)
+    except UnicodeEncodeError as exc:
+        return Rejected(path, position, f"not UTF-8: a field holds an escaped lone surrogate ({exc})", raw)
+    return doc
 
 
 def _iter_parquet(path: str, text_field: str, id_field: str | None, max_bytes: int) -> Iterator[dict | Rejected]:

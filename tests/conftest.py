@@ -134,3 +134,23 @@ def make_docs(n: int, tag: str = "d") -> list[dict]:
 @pytest.fixture
 def docs():  # noqa: ANN201
     return make_docs
+
+
+FIGURES_FILE = "reliability-figures.json"
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest, record_property: Any, tmp_path_factory: pytest.TempPathFactory):
+    """`figures(scenario, **numbers)`: print one line (seen with -s / -rA), attach the numbers to the test's
+    report (JUnit XML properties) and append them to <pytest basetemp>/reliability-figures.json."""
+
+    def report(scenario: str, **numbers: Any) -> None:
+        print(f"[reliability] {scenario}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()), flush=True)
+        for key, value in numbers.items():
+            record_property(f"{scenario}.{key}", value)
+        path = tmp_path_factory.getbasetemp() / FIGURES_FILE
+        existing = json.loads(path.read_text()) if path.exists() else []
+        existing.append({"test": request.node.nodeid, "scenario": scenario, **numbers})
+        path.write_text(json.dumps(existing, indent=2))
+
+    return report

@@ -311,6 +311,13 @@ class StageRunner:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
             return _Failure("bad_json", f"value is not JSON: {exc}")
+        if "\\u" in text:
+            # An escaped lone surrogate ("\ud800") is valid JSON but no text: passed on, it would fail our
+            # own produce (UTF-8) after the batch was processed and crash the worker on every re-delivery.
+            try:
+                T.encode_value(value)
+            except UnicodeEncodeError as exc:
+                return _Failure("bad_encoding", f"value holds an escaped lone surrogate, which is not text: {exc}")
         errors = self.input_spec.errors(value)
         if errors:
             return _Failure("schema", f"violates {self.input_spec.name} schema: " + "; ".join(errors[:5]))

@@ -1,28 +1,77 @@
-"""Fixtures of the reliability scenarios (README.md here): the shared embedded broker and `bus` come from
-tests/conftest.py; this adds a local S3 (moto_server) for the durable broker engine, a misbehaving model
-server, and `figures`, which prints a scenario's numbers and records them."""
+"""Fixtures of the reliability scenarios (README.md here): the shared embedded broker, `bus` and `figures` (prints
+a scenario's numbers and records them) come from tests/conftest.py; this adds the AWS environment of the local S3
+(moto_server) for the durable broker engine, and readers of a process's memory."""
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FIGURES_FILE = "reliability-figures.json"
+
+def _status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 def rss_mb(pid: int | None = None) -> float:
     """Resident memory of a process now (Linux /proc), in MiB."""
-    for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc status")
+    return _status_mb(pid or os.getpid(), "VmRSS")
+
+
+class PeakMemory:
+    """The peak resident memory of a process from `start()` on, not its memory at the end.
+
+    The kernel keeps the peak (VmHWM); writing 5 to /proc/<pid>/clear_refs resets it to the current RSS (Linux
+    4.0+, our own processes), so VmHWM read later is the peak of this window. Where the reset is refused, a thread
+    samples VmRSS every 5 ms instead (`method` says which)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid or os.getpid()
+        self.baseline_mb = 0.0
+        self.method = ""
+        self._samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakMemory:
+        self.baseline_mb = rss_mb(self.pid)
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "sampled every 5 ms"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            try:
+                self._samples.append(rss_mb(self.pid))
+            except (OSError, RuntimeError):
+                return
+
+    def peak_mb(self) -> float:
+        """The peak so far (the process must still be alive)."""
+        if self.method == "VmHWM":
+            return _status_mb(self.pid, "VmHWM")
+        return max([self.baseline_mb, *self._samples])
+
+    def growth_mb(self) -> float:
+        return self.peak_mb() - self.baseline_mb
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +93,17 @@ def s3_bucket(moto_s3: dict[str, str]):
 
 
 @pytest.fixture
-def process_rss():
-    """`process_rss(pid=None)`: resident memory of a process (default: this one) in MiB."""
-    return rss_mb
+def peak_memory():
+    """`peak_memory(pid=None)`: a started `PeakMemory` of a process (default: this one); stopped at teardown."""
+    started: list[PeakMemory] = []
+
+    def start(pid: int | None = None) -> PeakMemory:
+        started.append(PeakMemory(pid).start())
+        return started[-1]
+
+    yield start
+    for meter in started:
+        meter.stop()
 
 
 def make_bucket(env: dict[str, str], name: str) -> None:
@@ -55,20 +112,3 @@ def make_bucket(env: dict[str, str], name: str) -> None:
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                  aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"]
                  ).create_bucket(Bucket=name)
-
-
-@pytest.fixture
-def figures(request: pytest.FixtureRequest, record_property: Any, tmp_path_factory: pytest.TempPathFactory):
-    """`figures(scenario, **numbers)`: print one line (seen with -s / -rA), attach the numbers to the test's
-    report (JUnit XML properties) and append them to <pytest basetemp>/reliability-figures.json."""
-
-    def report(scenario: str, **numbers: Any) -> None:
-        print(f"[reliability] {scenario}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()), flush=True)
-        for key, value in numbers.items():
-            record_property(f"{scenario}.{key}", value)
-        path = tmp_path_factory.getbasetemp() / FIGURES_FILE
-        existing = json.loads(path.read_text()) if path.exists() else []
-        existing.append({"test": request.node.nodeid, "scenario": scenario, **numbers})
-        path.write_text(json.dumps(existing, indent=2))
-
-    return report
