@@ -2,7 +2,8 @@
 server on 127.0.0.1 that misbehaves for chosen texts (sleeps past the client timeout, answers garbage that
 is not JSON, answers HTTP 500, or stalls once and then recovers). Each bad item is retried a bounded number
 of times with backoff, then dead-lettered with the reason; the good items around it, in the same partition,
-still get through, and the stream never stalls."""
+still get through, and the stream never stalls. The committed offset moves past each poison record, so a restarted
+worker does not meet it again."""
 
 from __future__ import annotations
 
@@ -138,6 +139,40 @@ def test_a_stuck_or_broken_model_server_dead_letters_the_item_and_the_stream_flo
     most_tries = max(misbehaving_server.per_prompt.values())
     assert all(n > 0 for n in per_poison.values()) and most_tries <= 2 * (1 + MAX_RETRIES), misbehaving_server.per_prompt
     assert elapsed < 60
+
+    # The group's committed offset is past every poison record: a restarted worker starts after them. It reads
+    # only a record produced after the restart and asks the server nothing about the poison prompts.
+    positions = {json.loads(m.value())["item_id"]: (m.partition(), m.offset()) for m in bus.read(source, expect=len(items))}
+    (partition,) = {p for p, _ in positions.values()}
+    committed = _committed(bus, f"{bus.cfg.bus.group_prefix}.{stage}", bus.topic(source), partition)
+    last_poison = max(o for item_id, (_, o) in positions.items() if texts[int(item_id.split(":")[1])] in POISON)
+    assert committed == max(o for _, o in positions.values()) + 1 > last_poison
+    poison_requests_before = sum(misbehaving_server.per_prompt.values())
+    bus.produce(source, [_item(len(texts), "good after restart")])
+    restarted = StageRunner(_build_stage(stage, f"http://{host}:{port}/v1", tmp_path_factory.mktemp("cache2"))[0],
+                            bus.cfg, bus.bootstrap)
+    restarted_at = time.monotonic()
+    restart_stats = restarted.run(until=lambda s: s.counters["consumed"] >= 1 or time.monotonic() > restarted_at + 120)
+    restart_s = time.monotonic() - restarted_at
+    poison_requests_after = sum(misbehaving_server.per_prompt.values()) - poison_requests_before
+    assert restart_stats.counters["consumed"] == restart_stats.counters["processed"] == 1
+    assert poison_requests_after == 0
+
     figures(f"slow_and_stuck.{stage}", records_in=len(items), records_out=len(out), deadlettered=len(dead),
             poison_requests=per_poison, most_tries_of_one_prompt=most_tries, seconds=round(elapsed, 1),
+            committed_offset=committed, last_poison_offset=last_poison,
+            restart_consumed=restart_stats.counters["consumed"], poison_requests_after_restart=poison_requests_after,
+            restart_to_first_record_s=round(restart_s, 1),
             reasons={k: v[:90] for k, v in reasons.items()})
+
+
+def _committed(bus, group: str, topic: str, partition: int) -> int:
+    """The offset `group` committed on one partition (read without joining the group)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer({"bootstrap.servers": bus.bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        (tp,) = probe.committed([TopicPartition(topic, partition)], timeout=10)
+        return tp.offset
+    finally:
+        probe.close()
