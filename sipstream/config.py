@@ -173,8 +173,9 @@ class LocalRunConfig(StrictModel):
     threads_per_process: int | None = Field(None, ge=1)
     """torch/OpenMP threads of each child (OMP_NUM_THREADS). Unset: the cores shared out among the
     model processes (rewrite, rollout, judge workers and the learner), at least 1, unless
-    OMP_NUM_THREADS is already set. Measured (benchmarks/results/suite.md): two rollout workers with
-    torch's default threads each on 2 cores ran at 0.40x of one worker, with one thread each at 4x."""
+    OMP_NUM_THREADS is already set. Measured (benchmarks/results/suite.md, 2 cores): two rollout
+    workers with 2 threads each ran at 0.18x of one such worker (oversubscribed), with each worker given
+    its share of the cores at 1.93x."""
     max_restarts: int = Field(3, ge=0)
     """A crashed worker is restarted this many times before `sipstream run` gives up."""
     learner_malloc_mmap_threshold: int | None = Field(None, ge=4096)
