@@ -378,16 +378,16 @@ def _trickle(bus, stop: threading.Event, every_s: float) -> None:
 
 
 @pytest.mark.slow
-def test_status_of_the_running_loop_shows_every_stage_moving_and_each_groups_true_lag(bus, tmp_path) -> None:
+def test_status_of_the_running_loop_shows_every_stage_moving_and_each_groups_true_lag(bus, docs, tmp_path) -> None:
     """`sipstream run` on tiny random models against the test's broker; `sipstream status --json` polled from
     outside until the split, rollout, judge and assemble stages have shown throughput and the learner has
     published a policy; lag checked against the groups' committed offsets read here, while running and
-    once the run was stopped mid-flight (then exactly, and every rate is 0)."""
+    once the run was stopped (then exactly, and every rate is 0)."""
     import signal
 
     config = ROOT / "configs" / "smoke.yaml"
     # More documents than the test waits for: the run is stopped once status has shown everything (about
-    # 40 s on an idle 2-core machine; the generous limit is for a busy one).
+    # 40-50 s on a quiet 2-core machine, mostly the workers loading; the generous limit is for a busy one).
     run = [sys.executable, "-m", "sipstream", "run", "--config", str(config), "-b", bus.bootstrap,
            "--max-documents", "40", "--set", f"run_dir={tmp_path}", "--set", f"bus.topic_prefix={bus.cfg.bus.topic_prefix}",
            "--set", f"bus.group_prefix={bus.cfg.bus.group_prefix}"]
@@ -405,7 +405,7 @@ def test_status_of_the_running_loop_shows_every_stage_moving_and_each_groups_tru
             finally:
                 stop_trickle.set()
                 trickle.join(30)
-                proc.send_signal(signal.SIGTERM)  # stopped mid-flight: workers commit what they finished and leave
+                proc.send_signal(signal.SIGTERM)  # the Ctrl-C stop: workers commit what they finished and leave
                 try:
                     proc.wait(120)
                 except subprocess.TimeoutExpired:
@@ -414,7 +414,9 @@ def test_status_of_the_running_loop_shows_every_stage_moving_and_each_groups_tru
         assert set(MUST_MOVE) <= moving, f"after {polls} status calls only {sorted(moving)} showed throughput"
         assert learner, f"no learner row with a published policy after {polls} status calls"
 
-        # At rest: nothing produces any more, so status agrees exactly with the test's reading and no topic moves.
+        # At rest: the loop drains what it can while it stops, so documents that arrive afterwards make sure
+        # some lag is left; nothing moves any more, so status must agree exactly and show every rate 0.
+        bus.produce(T.DOCUMENTS, docs(3, "late"))
         ends, committed = offsets.end(), offsets.committed()
         snap = _status_json(bus, config, interval_s=0.5)
         assert (offsets.end(), offsets.committed()) == (ends, committed)
@@ -426,5 +428,5 @@ def test_status_of_the_running_loop_shows_every_stage_moving_and_each_groups_tru
             (ends[name], committed[stage], ends[name] - committed[stage]), stage
     print(f"{polls} status calls, {time.monotonic() - started:.0f}s; lag at rest "
           + ", ".join(f"{s} {row['lag']}" for s, row in lag.items()))
-    assert any(row["lag"] > 0 for row in lag.values()), "stopped mid-flight, some stage has work waiting"
+    assert lag["split"]["lag"] >= 3  # the late documents at least
     assert all(t["records_per_s"] == 0 for t in snap["topics"]), snap["topics"]
