@@ -20,6 +20,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sipstream.errors import UserError
 from sipstream.bus import topics as T
 from sipstream.bus.client import client_settings
 from sipstream.bus.lag import PIPELINE_STAGES, STAGE_INPUTS, CommittedOffsets, group_lag
@@ -317,12 +318,22 @@ def run_status(cfg: Config, bootstrap: str, *, as_json: bool = False, once: bool
 
     console = console or Console()
     stale_after_s = 3 * cfg.runner.metrics_interval_s + interval_s  # a few missed metrics records
+    from confluent_kafka import KafkaException
+
     watcher = StatusWatcher(cfg, bootstrap)
     try:
-        watcher.poll()
+        try:
+            watcher.poll()
+        except KafkaException as exc:
+            raise UserError(f"the broker at {bootstrap} did not answer in time ({exc.args[0]}); it may be "
+                            "overloaded: try again, or with a longer --interval") from None
         if as_json or once:
             time.sleep(interval_s)  # a second reading, for the rates
-            watcher.poll(0.2)
+            try:
+                watcher.poll(0.2)
+            except KafkaException as exc:
+                raise UserError(f"the broker at {bootstrap} did not answer in time ({exc.args[0]}); it may be "
+                                "overloaded: try again, or with a longer --interval") from None
             snap = watcher.snapshot()
             if as_json:
                 print(json.dumps(snap.as_dict(), indent=2), flush=True)
@@ -334,7 +345,10 @@ def run_status(cfg: Config, bootstrap: str, *, as_json: bool = False, once: bool
             with Live(render(snap, stale_after_s), console=console, refresh_per_second=4, screen=False) as live:
                 while True:
                     time.sleep(interval_s)
-                    watcher.poll()
+                    try:
+                        watcher.poll()
+                    except KafkaException:
+                        continue  # a slow broker: keep showing the last reading and try again
                     snap = watcher.snapshot()
                     live.update(render(snap, stale_after_s))
         except KeyboardInterrupt:
