@@ -1,6 +1,6 @@
-"""Security: credentials come only from config files or the environment and never reach a log or a file a
-run writes; SASL/TLS settings pass through to the Kafka clients; every listening endpoint binds to
-127.0.0.1 unless told otherwise."""
+"""Security: credentials come only from config files or the environment and never reach a log or a file a run
+writes (`sipstream run`'s output, each stage worker's and the learner's log, the run directory); SASL/TLS settings
+pass through to the Kafka clients; every listening endpoint binds to 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
@@ -64,48 +64,52 @@ def test_every_json_dump_of_the_config_redacts_credentials() -> None:
 
 @pytest.mark.slow
 def test_secrets_never_reach_logs_or_run_files(bus, tmp_path: Path, moto_s3, s3_bucket, figures) -> None:
-    """A learner with an S3 weight store (secret key in the environment) and a SASL password in its config
-    file, at debug level, trains, publishes to S3 and writes its run directory (manifest, consumption log,
-    checkpoint); `sipstream config --show` prints the same config. The secrets appear in no output and no file."""
-    from sipstream.bus.broker import free_port
+    """`sipstream run` (every stage worker and the learner as its children) with an S3 weight store (secret key in
+    the environment) and a SASL password in its config file, at debug level: the learner publishes to S3 (moto),
+    the rollout worker loads from it. The secrets appear in no output: not `sipstream run`'s, not any worker's or
+    the learner's log, not `config --show`, no file of the run directory, not sip.metrics or sip.deadletter."""
+    from sipstream.config import project_root
 
     s3_secret, sasl_secret = "s3-secret-0d4c81", "sasl-pw-52be77"
     s3_bucket("reliability-weights")
     config_file = tmp_path / "secret.yaml"
+    smoke = yaml.safe_load((project_root() / "configs" / "smoke.yaml").read_text())
     config_file.write_text(yaml.safe_dump({
-        "run_name": "secrets", "run_dir": str(tmp_path / "runs"),
+        **smoke, "run_name": "secrets", "run_dir": str(tmp_path / "runs"),
         # A SASL password on a PLAINTEXT listener is accepted and unused by librdkafka: enough to follow the value.
         "bus": {"topic_prefix": bus.cfg.bus.topic_prefix, "group_prefix": bus.cfg.bus.group_prefix,
                 "client": {"sasl.username": "sip", "sasl.password": sasl_secret}},
         "logging": {"level": "debug", "format": "json"},
-        "runner": {"health_port": free_port(), "metrics_interval_s": 1},
-        "models": {"policy": {"source": "tiny-gpt2", "device": "cpu", "max_prompt_tokens": 64}},
-        "learner": {"device": "cpu", "batch_pairs": 2, "max_steps": 1, "sync_every": 1, "idle_timeout_s": 5,
-                    "weight_store": "s3://reliability-weights/w", "weight_store_options": {"endpoint_url": moto_s3["AWS_ENDPOINT"]}},
+        "runner": {**smoke["runner"], "health_port": 0, "metrics_interval_s": 1},
+        "local": {"max_documents": 2, "timeout_s": 300},
+        "learner": {**smoke["learner"], "batch_pairs": 2, "weight_store": "s3://reliability-weights/w",
+                    "weight_store_options": {"endpoint_url": moto_s3["AWS_ENDPOINT"]}},
     }))
-    pair = {"item_id": "s0:1", "doc_id": "s0", "prefix": "The morning", "suffix": " was cold.", "seed": 0, "policy_version": 0,
-            "chosen": {"kind": "original", "index": 0, "text": " was cold.", "total": 2.0},
-            "rejected": {"kind": "rollout", "index": 0, "text": " zebra zebra", "total": 0.1},
-            "target": {"kind": "original", "index": 0, "text": " was cold.", "total": 2.0}}
-    bus.produce(T.PAIRS, [pair, {**pair, "item_id": "s1:1", "doc_id": "s1"}])
     env = {**os.environ, **moto_s3, "AWS_SECRET_ACCESS_KEY": s3_secret, "SIPSTREAM_HOME": str(tmp_path)}
-    learner = subprocess.run([sys.executable, "-m", "sipstream", "learner", "--config", str(config_file),
-                              "--bootstrap-servers", bus.bootstrap], capture_output=True, text=True, env=env, check=False, timeout=180)
-    assert learner.returncode == 0, learner.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "sipstream", "run", "--config", str(config_file),
+                          "--bootstrap-servers", bus.bootstrap], capture_output=True, text=True, env=env, check=False,
+                         timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     shown = subprocess.run([sys.executable, "-m", "sipstream", "config", "--show", "--config", str(config_file)],
                            capture_output=True, text=True, env=env, check=False, timeout=60)
 
-    texts = {"learner output": learner.stdout + learner.stderr,
-             "config --show": shown.stdout + shown.stderr}
+    texts = {"sipstream run output": run.stdout + run.stderr, "config --show": shown.stdout + shown.stderr}
     files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     texts |= {str(p.relative_to(tmp_path)): p.read_bytes().decode("utf-8", "replace") for p in files
               if p.suffix != ".safetensors"}
     texts["sip.metrics"] = json.dumps(bus.values(T.METRICS))
+    texts["sip.deadletter"] = json.dumps(bus.values(T.DEADLETTER))
     leaks = [name for name, text in texts.items() if s3_secret in text or sasl_secret in text]
     assert leaks == []
-    assert '"weights published"' in texts["learner output"] and "<redacted>" in texts["config --show"]
+    logs = {p.name: texts[str(p.relative_to(tmp_path))] for p in files if p.parent.name == "logs"}
+    # Every process's log was written and scanned (each worker built its Kafka clients with the SASL password);
+    # the learner really published to S3.
+    assert set(logs) == {"split.log", "rewrite.log", "rollout.log", "judge.log", "assemble.log", "learner.log"}, sorted(logs)
+    assert '"weights published"' in logs["learner.log"] and "s3://reliability-weights/w" in logs["learner.log"]
+    assert "<redacted>" in texts["config --show"]
     assert any(p.name == "manifest.json" for p in files)  # the run directory really was written
-    figures("security", outputs_and_files_checked=len(texts), run_files=len(files), leaks=len(leaks))
+    figures("security", outputs_and_files_checked=len(texts), process_logs=len(logs), run_files=len(files),
+            rollout_loaded_from_s3='"policy weights swapped"' in logs["rollout.log"], leaks=len(leaks))
 
 
 def test_listeners_bind_to_loopback_by_default(bus) -> None:
