@@ -141,7 +141,8 @@ def final_checkpoint(tmp_path: Path, run_name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_then_restart_trains_every_pair_once_and_ends_with_the_same_weights(bus, tiny_cfg, tmp_path, make_pair) -> None:
+def test_kill_9_then_restart_trains_every_pair_once_and_ends_with_the_same_weights(bus, tiny_cfg, tmp_path, make_pair,
+                                                                                   figures) -> None:
     bus.produce(T.PAIRS, [make_pair(i) for i in range(24)], key="one-partition")  # fixed order
     log = tmp_path / "learner.log"
 
@@ -156,9 +157,12 @@ def test_kill_9_then_restart_trains_every_pair_once_and_ends_with_the_same_weigh
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
-    assert final_checkpoint(tmp_path, "killed")["step"] < 12  # killed mid-run
+    checkpoint_at_kill = final_checkpoint(tmp_path, "killed")["step"]
+    assert checkpoint_at_kill < 12  # killed mid-run
+    restart_started = time.monotonic()
     restarted = start_learner(tiny_cfg, "killed", "killed", tmp_path, log)
     assert restarted.wait(180) == 0, log.read_text()[-3000:]
+    restart_s = time.monotonic() - restart_started
 
     weights = [a for a in bus.values(T.WEIGHTS, expect=8) if a["run_name"] in ("uninterrupted", "killed")]
     last = {run: max((a for a in weights if a["run_name"] == run), key=lambda a: a["version"]) for run in ("uninterrupted", "killed")}
@@ -169,3 +173,8 @@ def test_kill_9_then_restart_trains_every_pair_once_and_ends_with_the_same_weigh
     assert sorted(state["seen_ids"]) == sorted(f"p{i}:1" for i in range(24))  # each pair once, none skipped
     assert state == {**final_checkpoint(tmp_path, "uninterrupted"), "seen_ids": state["seen_ids"],
                      "counters": state["counters"], "config_hash": state["config_hash"]}
+    figures("learner_kill_9_resume", pairs_in=24, steps=12, checkpoint_step_at_kill=checkpoint_at_kill,
+            pairs_trained=state["counters"]["pairs_trained"],
+            skipped_duplicate=state["counters"].get("skipped_duplicate", 0),
+            same_weights_as_uninterrupted=last["killed"]["sha256"] == last["uninterrupted"]["sha256"],
+            restarted_run_s=round(restart_s, 1))
