@@ -58,6 +58,11 @@ def retention_error(topic: str, partition: int, wanted: int, first: int) -> User
         "replay them from `sipstream import`")
 
 
+#: What to do when a run's recorded topics are not on the broker a replay was pointed at.
+_LIVE_RUN_HINT = ("replay on the cluster that holds the run (--bootstrap-servers), or put an export of it back "
+                  "first with `sipstream import`")
+
+
 def require_topics(bus: Any, bootstrap: str, wanted: dict[str, list[int]], hint: str, timeout: float = 10.0) -> None:
     """Fail at once, in one line, when the broker at `bootstrap` does not answer, or lacks a topic or a
     partition in `wanted` ({live topic name: partitions}): reading it would only wait for records that
@@ -490,9 +495,7 @@ def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | N
 
     specs = T.load_specs(T.topics_dir(replay_cfg.bus))
     # Fail before training when the topic, or the recorded range, is no longer on the broker.
-    require_topics(replay_cfg.bus, bootstrap, {source_topic: sorted({p for p, _ in sequence})},
-                   "replay on the cluster that holds the run (--bootstrap-servers), or put an export of it "
-                   "back first with `sipstream import`")
+    require_topics(replay_cfg.bus, bootstrap, {source_topic: sorted({p for p, _ in sequence})}, _LIVE_RUN_HINT)
     probe = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
     try:
         firsts: dict[int, int] = {}
@@ -580,8 +583,7 @@ def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, ov
             bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
             require_topics(cfg.bus, bootstrap,
                            {recorded[t]["live_name"]: [int(p) for p in recorded[t]["partitions"]] for t in inputs},
-                           "replay on the cluster that holds the run (--bootstrap-servers), or put an export of it "
-                           "back first with `sipstream import`")
+                           _LIVE_RUN_HINT)
             embedded = False
         else:
             check_archive(archive, inputs, run_dir)

@@ -20,12 +20,12 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sipstream.errors import UserError
 from sipstream.bus import topics as T
 from sipstream.bus.client import client_settings
 from sipstream.bus.lag import PIPELINE_STAGES, STAGE_INPUTS, CommittedOffsets, group_lag
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config
+from sipstream.errors import UserError
 
 # Topics shown, in pipeline order; control topics after the data.
 STATUS_TOPICS = (T.DOCUMENTS, T.PREFIXES, T.REWRITTEN, T.ROLLOUTS, T.JUDGED, T.PAIRS, T.WEIGHTS, T.METRICS,
@@ -320,20 +320,19 @@ def run_status(cfg: Config, bootstrap: str, *, as_json: bool = False, once: bool
     stale_after_s = 3 * cfg.runner.metrics_interval_s + interval_s  # a few missed metrics records
     from confluent_kafka import KafkaException
 
-    watcher = StatusWatcher(cfg, bootstrap)
-    try:
+    def poll_or_fail(wait_s: float = 0.05) -> None:
         try:
-            watcher.poll()
+            watcher.poll(wait_s)
         except KafkaException as exc:
             raise UserError(f"the broker at {bootstrap} did not answer in time ({exc.args[0]}); it may be "
                             "overloaded: try again, or with a longer --interval") from None
+
+    watcher = StatusWatcher(cfg, bootstrap)
+    try:
+        poll_or_fail()
         if as_json or once:
             time.sleep(interval_s)  # a second reading, for the rates
-            try:
-                watcher.poll(0.2)
-            except KafkaException as exc:
-                raise UserError(f"the broker at {bootstrap} did not answer in time ({exc.args[0]}); it may be "
-                                "overloaded: try again, or with a longer --interval") from None
+            poll_or_fail(0.2)
             snap = watcher.snapshot()
             if as_json:
                 print(json.dumps(snap.as_dict(), indent=2), flush=True)

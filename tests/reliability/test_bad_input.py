@@ -337,13 +337,18 @@ def test_fuzzed_records_on_a_stage_input_topic_are_dead_lettered_and_the_stage_k
     finally:
         fuzzing.close()
     assert fuzz_growth < PEAK_GROWTH_LIMIT_MB and huge_growth < HUGE_GROWTH_LIMIT_MB
+    _account_and_report(figures, "split", fuzzing, examples, items_out=fuzzing.runner.stats.counters["produced"],
+                        fuzz_peak_rss_growth_mb=round(fuzz_growth, 1),
+                        huge_record_peak_rss_growth_mb=round(huge_growth, 1), peak_from=memory.method)
+
+
+def _account_and_report(figures, stage_name: str, fuzzing, examples: int, **extra) -> None:
+    """Every record fed was consumed, every one not processed was dead-lettered; report the counts."""
     counters, outcomes = fuzzing.runner.stats.counters, fuzzing.outcomes
     assert counters["consumed"] == len(outcomes) and counters["deadlettered"] == len(outcomes) - outcomes.count("ok")
-    figures("bad_input.stage_topic.split", examples=examples, records_in=len(outcomes), processed=counters["processed"],
-            deadlettered=counters["deadlettered"],
-            by_error={k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("deadlettered.")},
-            items_out=counters["produced"], fuzz_peak_rss_growth_mb=round(fuzz_growth, 1),
-            huge_record_peak_rss_growth_mb=round(huge_growth, 1), peak_from=memory.method)
+    figures(f"bad_input.stage_topic.{stage_name}", examples=examples, records_in=len(outcomes),
+            processed=counters["processed"], deadlettered=counters["deadlettered"],
+            by_error={k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("deadlettered.")}, **extra)
 
 
 def _carried(item: dict, out: dict, *added: str) -> None:
@@ -421,10 +426,5 @@ def test_fuzzed_records_into_a_model_stage_get_a_result_or_a_dead_letter(
     finally:
         fuzzing.close()
     assert fuzz_growth < MODEL_GROWTH_LIMIT_MB and huge_growth < MODEL_GROWTH_LIMIT_MB
-    counters, outcomes = fuzzing.runner.stats.counters, fuzzing.outcomes
-    assert counters["consumed"] == len(outcomes) and counters["deadlettered"] == len(outcomes) - outcomes.count("ok")
-    figures(f"bad_input.stage_topic.{stage_name}", examples=examples, records_in=len(outcomes),
-            processed=counters["processed"], deadlettered=counters["deadlettered"],
-            by_error={k.split(".", 1)[1]: v for k, v in counters.items() if k.startswith("deadlettered.")},
-            fuzz_peak_rss_growth_mb=round(fuzz_growth, 1), big_and_huge_peak_rss_growth_mb=round(huge_growth, 1),
-            peak_from=memory.method)
+    _account_and_report(figures, stage_name, fuzzing, examples, fuzz_peak_rss_growth_mb=round(fuzz_growth, 1),
+                        big_and_huge_peak_rss_growth_mb=round(huge_growth, 1), peak_from=memory.method)
