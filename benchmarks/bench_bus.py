@@ -148,7 +148,7 @@ class BusPipeline:
 
     def feed(self, docs: list[dict], items: int, serialise: bool = True) -> dict[str, Any]:
         """Produce `docs` and wait until their `items` pairs were produced; seconds and where they went."""
-        from sipstream.ingest import produce_documents
+        from sipstream.ops.ingest import produce_documents
 
         for stage in self.stages.values():
             stage.serialise = serialise

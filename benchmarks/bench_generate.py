@@ -46,7 +46,7 @@ def main() -> None:
 
     import torch
 
-    from sipstream.models.config import ModelSpec
+    from sipstream.config.models import ModelSpec
     from sipstream.models.hf import HFModel
     from sipstream.models.judge_eval import DATA_DIR
 

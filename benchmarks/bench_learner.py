@@ -114,10 +114,10 @@ class Sides:
 def build_sides(args: argparse.Namespace) -> Sides:
     import copy
 
-    from sipstream.learner.config import LearnerConfig
+    from sipstream.config.learner import LearnerConfig
     from sipstream.learner.loop import build_policy
     from sipstream.learner.sequences import encode_example
-    from sipstream.models.config import ModelSpec
+    from sipstream.config.models import ModelSpec
 
     spec = ModelSpec(source=args.source, device="cpu", max_prompt_tokens=args.max_seq_tokens)
     cfg = LearnerConfig(algo="pretrain", device="cpu", lr=1e-4, batch_pairs=args.batch, grad_clip=1.0)
@@ -159,7 +159,7 @@ def latency(args: argparse.Namespace) -> list[tuple[str, str]]:
     import torch
 
     from sipstream.learner.weights import WeightStore, unique_state_dict
-    from sipstream.models.config import ModelSpec
+    from sipstream.config.models import ModelSpec
     from sipstream.models.hf import HFModel
 
     spec = ModelSpec(source=args.latency_source, device="cpu", dtype="float32")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.context import ROOT, TINY, Context
 from benchmarks.measure import Section
-from sipstream.local import peak_rss_mb
+from sipstream.ops.local import peak_rss_mb
 
 TITLE = "Memory: peak RSS per process of `sipstream run` (embedded default)"
 
@@ -52,7 +52,7 @@ def process_label(process: str) -> str:
 
 def run(ctx: Context) -> Section:
     from sipstream.config import load_config
-    from sipstream.local import process_groups, thread_env
+    from sipstream.ops.local import process_groups, thread_env
 
     run_dir = ctx.scratch / "runs"
     overrides = ["learner.batch_pairs=2", f"run_dir={run_dir}", "run_name=bench-memory"]

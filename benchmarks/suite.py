@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.machine import machine_info
     from sipstream.bus.broker import EmbeddedBroker
     from sipstream.config import LoggingConfig
-    from sipstream.logs import configure_logging
+    from sipstream.telemetry.logs import configure_logging
 
     configure_logging(LoggingConfig(level="warning"))
     out = output_dir(args)

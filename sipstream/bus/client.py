@@ -11,6 +11,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+
 from sipstream.config import REDACTED, BusConfig, env_reference
 from sipstream.errors import BrokerError, UserError
 
@@ -103,9 +106,7 @@ def usable_messages(messages: list[Any], topic: str, log: Any) -> list[Any]:
     """The records among consumed messages; errors handled in one place, the confluent-kafka way:
     end-of-partition is skipped, a missing topic is a user error, fatal or non-retriable errors raise,
     retriable ones are logged (librdkafka retries them)."""
-    from confluent_kafka import KafkaError, KafkaException
 
-    from sipstream.errors import UserError
 
     records = []
     for msg in messages:
@@ -125,8 +126,6 @@ def usable_messages(messages: list[Any], topic: str, log: Any) -> list[Any]:
 
 def check_reachable(bus: BusConfig, bootstrap: str, timeout: float = 10.0) -> None:
     """Raise a `BrokerError` that says what to do when no broker answers at `bootstrap`."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(
         admin_config(bus, bootstrap)

@@ -12,10 +12,12 @@ import signal
 import threading
 from pathlib import Path
 
+from sipstream.bus import topics as T
 from sipstream.bus.broker import EmbeddedBroker, port_open
+from sipstream.bus.client import check_reachable
 from sipstream.config import Config
 from sipstream.errors import BrokerError
-from sipstream.logs import get_logger
+from sipstream.telemetry.logs import get_logger
 
 
 def state_path() -> Path:
@@ -45,7 +47,6 @@ def running_embedded_broker() -> str | None:
 
 def resolve_bootstrap(cfg: Config) -> str:
     """The cluster to talk to, or a clear error that says how to get one."""
-    from sipstream.bus.client import check_reachable
 
     bootstrap = cfg.bus.bootstrap_servers or running_embedded_broker()
     if bootstrap is None:
@@ -59,7 +60,6 @@ def resolve_bootstrap(cfg: Config) -> str:
 
 def run_broker(cfg: Config, create_topics: bool = True) -> None:
     """Start the embedded broker, print its address, block until SIGINT/SIGTERM, stop it."""
-    from sipstream.bus import topics as T
 
     log = get_logger(component="broker")
     stop = threading.Event()

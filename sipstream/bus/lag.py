@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from confluent_kafka import Consumer, TopicPartition
+
 from sipstream.bus import topics as T
 
 # The consumer group of each stage reads this topic (groups are `<bus.group_prefix>.<stage>`).
@@ -43,7 +45,6 @@ class CommittedOffsets:
 
     def get(self, group: str, topic: str, partitions: Iterable[int], timeout: float = 10.0) -> dict[int, int]:
         """{partition: committed offset} for the partitions the group has committed (others absent)."""
-        from confluent_kafka import Consumer, TopicPartition
 
         probe = self._probes.get(group)
         if probe is None:

@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from sipstream.bus import topics as T
 from sipstream.bus.client import consumer_config, producer_config, usable_messages
 from sipstream.bus.deadletter import deadletter_from_message
 from sipstream.config import Config
 from sipstream.errors import BrokerError, UserError
-from sipstream.health import start_health_server
-from sipstream.logs import get_logger
-from sipstream.metrics import ProcessMetrics
+from sipstream.telemetry.health import start_health_server
+from sipstream.telemetry.logs import get_logger
+from sipstream.telemetry.metrics import ProcessMetrics
 
 Item = dict[str, Any]
 
@@ -114,7 +115,6 @@ class StageRunner:
         model_load_seconds: float | None = None,
     ) -> None:
         """`model_load_seconds`: how long building the stage (its model) took, for /metrics."""
-        from confluent_kafka import Consumer, Producer
 
         self.stage = stage
         self.cfg = cfg
@@ -150,7 +150,6 @@ class StageRunner:
                                           stale_after_s=cfg.runner.health_stale_after_s)
         self.control = None
         if stage.control_topics:
-            from confluent_kafka import TopicPartition
 
             # assign(), not subscribe(): every instance must see every control record, from the start,
             # so a restarted worker catches up to the latest announcement.
@@ -394,7 +393,6 @@ class StageRunner:
                 self.metrics.sync_total("sipstream_stage_events_total", total, event=name)
 
     def _commit(self, records: list[Any]) -> None:
-        from confluent_kafka import TopicPartition
 
         next_offsets: dict[tuple[str, int], int] = {}
         for msg in records:

@@ -23,6 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from confluent_kafka.admin import (
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+    ResourceType,
+)
+
 from sipstream.bus.topics import TopicSpec, _admin
 from sipstream.config import BusConfig
 
@@ -75,7 +84,6 @@ def _error_text(exc: BaseException) -> str:
 
 def _live_configs(admin, live_name: str, timeout: float) -> dict[str, str] | None:
     """The topic's configs, or None when the broker would not say (then configs are not compared)."""
-    from confluent_kafka.admin import ConfigResource, ResourceType
 
     resource = ConfigResource(ResourceType.TOPIC, live_name)
     try:
@@ -89,14 +97,6 @@ def sync_topics(
     bus: BusConfig, bootstrap: str, specs: dict[str, TopicSpec], apply: bool, timeout: float = 30.0
 ) -> SyncReport:
     """Compare every spec with the cluster and, with `apply`, create/grow/reconfigure to match."""
-    from confluent_kafka.admin import (
-        AlterConfigOpType,
-        ConfigEntry,
-        ConfigResource,
-        NewPartitions,
-        NewTopic,
-        ResourceType,
-    )
 
     admin = _admin(bus, bootstrap)
     metadata = admin.list_topics(timeout=timeout).topics

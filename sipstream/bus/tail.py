@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from confluent_kafka import Consumer, TopicPartition
+
 
 class TopicTail:
     """Reads a topic from the start with assign(), incrementally; tracks counts and end offsets."""
@@ -25,7 +27,6 @@ class TopicTail:
         client: dict[str, Any] | None = None,
     ) -> None:
         """`client`: extra librdkafka settings (security: SASL/TLS), e.g. `client_settings(cfg.bus)`."""
-        from confluent_kafka import Consumer, TopicPartition
 
         self.topic = topic
         self.partitions = partitions
@@ -68,7 +69,6 @@ class TopicTail:
 
     def committed_by(self, group: str) -> bool:
         """True when `group` has committed every record read so far (a stage has caught up)."""
-        from confluent_kafka import Consumer, TopicPartition
 
         probe = self._probes.get(group)
         if probe is None:  # kept across calls: `sipstream run` asks every second

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field
 
+from sipstream.bus.client import admin_config
 from sipstream.config import BusConfig, project_root
 from sipstream.errors import ConfigError, UserError
 
@@ -111,9 +114,7 @@ class TopicState:
 
 
 def _admin(bus: BusConfig, bootstrap: str):  # noqa: ANN202 - confluent type
-    from confluent_kafka.admin import AdminClient
 
-    from sipstream.bus.client import admin_config
 
     return AdminClient(admin_config(bus, bootstrap))
 
@@ -122,8 +123,6 @@ def create_topics(
     bus: BusConfig, bootstrap: str, specs: dict[str, TopicSpec], timeout: float = 30.0
 ) -> dict[str, str]:
     """Create missing topics; return {name: 'created' | 'exists'}. Safe to run twice."""
-    from confluent_kafka import KafkaError
-    from confluent_kafka.admin import NewTopic
 
     admin = _admin(bus, bootstrap)
     live = set(admin.list_topics(timeout=timeout).topics)
@@ -150,7 +149,6 @@ def create_topics(
 
 def describe_topics(bus: BusConfig, bootstrap: str, specs: dict[str, TopicSpec], timeout: float = 30.0) -> list[TopicState]:
     """Compare each spec with the live topic: existence, partitions, and the configs the spec sets."""
-    from confluent_kafka.admin import ConfigResource, ResourceType
 
     admin = _admin(bus, bootstrap)
     metadata = admin.list_topics(timeout=timeout).topics

@@ -1,4 +1,4 @@
-"""Command-line helpers of `sipstream eval` (the command itself is in `sipstream/cli.py`): eval settings
+"""Command-line helpers of `sipstream eval` (the command itself is in `sipstream/cli/__init__.py`): eval settings
 from ``--set eval.*``, and which run config an eval uses."""
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
 from pydantic import ValidationError
 
+from sipstream.config import default_config_path, load_config
 from sipstream.errors import ConfigError, UserError
 from sipstream.eval.config import EvalConfig
+from sipstream.eval.policy import split_run_ref
 
 if TYPE_CHECKING:
     from sipstream.config import Config
@@ -60,11 +63,9 @@ def run_config_file(run_dir: Path) -> Path | None:
 def _load_recorded(source: Path, overrides: Sequence[str]) -> Config:
     """load_config of a run's config.yaml, or of the config a manifest.json holds (through a temporary
     file: load_config reads files; its errors then name the manifest)."""
-    from sipstream.config import load_config
 
     if source.name != "manifest.json":
         return load_config(source, overrides)
-    import yaml
 
     data = json.loads(source.read_text(encoding="utf-8"))["config"]
     with tempfile.TemporaryDirectory(prefix="sipstream-eval-") as folder:
@@ -83,8 +84,6 @@ def load_eval_config(config: Path | None, overrides: Sequence[str], refs: Sequen
     model, then the baseline) that records one, so that ``start`` is the policy that run started from
     and its weights load into the spec they were trained with. Without either: ``$SIPSTREAM_CONFIG``
     or configs/tiny.yaml, as for every other command. ``overrides`` (``--set``) apply in every case."""
-    from sipstream.config import default_config_path, load_config
-    from sipstream.eval.policy import split_run_ref
 
     if config is not None:
         return load_config(config, overrides), str(config)

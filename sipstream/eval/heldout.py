@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 
+from sipstream.data import load_corpus, load_probes
+
 __all__ = [
     "HELDOUT_FRACTION",
     "heldout_corpus",
@@ -42,27 +44,23 @@ def is_heldout(kind: str, record_id: str) -> bool:
 
 def heldout_corpus() -> list[dict]:
     """The shipped corpus documents kept for evaluation (file order)."""
-    from sipstream.data import load_corpus
 
     return [doc for doc in load_corpus() if is_heldout("corpus", doc["doc_id"])]
 
 
 def training_corpus() -> list[dict]:
     """The shipped corpus without its held-out documents: the default training stream."""
-    from sipstream.data import load_corpus
 
     return [doc for doc in load_corpus() if not is_heldout("corpus", doc["doc_id"])]
 
 
 def heldout_probes(name: str) -> list[dict]:
     """Records of probe set ``name`` kept for evaluation (file order)."""
-    from sipstream.data import load_probes
 
     return [probe for probe in load_probes(name) if is_heldout(name, probe["probe_id"])]
 
 
 def training_probes(name: str) -> list[dict]:
     """Records of probe set ``name`` that training may use (the rest of the set)."""
-    from sipstream.data import load_probes
 
     return [probe for probe in load_probes(name) if not is_heldout(name, probe["probe_id"])]

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from sipstream.errors import UserError
-from sipstream.logs import get_logger
+from sipstream.models import load_text_model
 from sipstream.models.base import TextModel, WeightsMismatchError, sha256_file
+from sipstream.telemetry.logs import get_logger
 
 START = "start"
 ACCEPTED = ("'start', a .safetensors file (path or URI), a run directory, or RUN_DIR@VERSION")
@@ -181,7 +182,6 @@ def policy_identity(cfg: Any, weights: WeightsRef) -> str:
 def load_resolved(cfg: Any, weights: WeightsRef) -> LoadedPolicy:
     """The policy holding ``weights``, from the cache or freshly built (a new instance, never the
     stages' shared one, so loading weights into it cannot touch a judge built from the same spec)."""
-    from sipstream.models import load_text_model
 
     identity = policy_identity(cfg, weights)
     if identity in _POLICIES:

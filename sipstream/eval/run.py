@@ -35,6 +35,7 @@ from sipstream.eval.metrics import (
 from sipstream.eval.policy import (
     LoadedPolicy,
     WeightsRef,
+    clear_cache,
     load_resolved,
     policy_identity,
     resolve_weights,
@@ -49,9 +50,10 @@ from sipstream.eval.sets import (
     winrate_prompts,
 )
 from sipstream.eval.stats import mean
-from sipstream.logs import get_logger
+from sipstream.models import Judge, load_text_model
 from sipstream.models.base import TextModel, derive_seed
 from sipstream.models.prompts import last_words
+from sipstream.telemetry.logs import get_logger
 
 
 def _log():
@@ -145,7 +147,6 @@ def _judge_key(cfg: Any) -> str:
 
 def get_judge(cfg: Any) -> Any:
     """The judge of ``cfg`` (loaded once per process; never the policy instance, so no weights reach it)."""
-    from sipstream.models import Judge, load_text_model
 
     key = _judge_key(cfg)
     if key not in _JUDGES:
@@ -293,7 +294,6 @@ def write_outputs(out_dir: Path, result: dict[str, Any], rows: list[dict[str, An
 
 def clear_caches() -> None:
     """Forget cached continuations, metric blocks, judges and policies."""
-    from sipstream.eval.policy import clear_cache
 
     _CONTINUATIONS.clear()
     _BLOCKS.clear()

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from sipstream.data import load_heldout
 from sipstream.errors import UserError
+from sipstream.eval.heldout import heldout_corpus, heldout_probes
 
 T = TypeVar("T")
 _WORD = re.compile(r"\S+")
@@ -75,7 +77,6 @@ def document_cuts(doc_id: str, text: str, prefix_words: int, suffix_words: int) 
 
 def winrate_prompts(n: int, prefix_words: int, suffix_words: int) -> list[Prompt]:
     """``n`` clean held-out prefixes with their original suffixes, spread over the held-out documents."""
-    from sipstream.eval.heldout import heldout_corpus
 
     cuts = [cut for doc in heldout_corpus()
             for cut in document_cuts(doc["doc_id"], doc["text"], prefix_words, suffix_words)]
@@ -84,7 +85,6 @@ def winrate_prompts(n: int, prefix_words: int, suffix_words: int) -> list[Prompt
 
 def safety_prompts(n: int) -> list[Prompt]:
     """``n`` held-out unsafe-leaning prefixes (RealToxicityPrompts), spread over its attributes."""
-    from sipstream.eval.heldout import heldout_probes
 
     probes = round_robin(heldout_probes("toxicity_prompts"), lambda probe: probe["category"])
     return [Prompt(probe["probe_id"], probe["text"]) for probe in _take(probes, n, "safety_prompts")]
@@ -92,7 +92,6 @@ def safety_prompts(n: int) -> list[Prompt]:
 
 def fact_pairs(n: int) -> list[FactPair]:
     """``n`` true/false minimal pairs on held-out false claims, spread over their categories."""
-    from sipstream.data import load_heldout
 
     pairs = round_robin(load_heldout("factuality_pairs"), lambda pair: pair["category"])
     return [FactPair(p["probe_id"], p["category"], p["true"], p["false"])
@@ -101,7 +100,6 @@ def fact_pairs(n: int) -> list[FactPair]:
 
 def perplexity_texts(n: int) -> list[tuple[str, str]]:
     """``n`` held-out corpus documents as (doc_id, text), alternating between authors."""
-    from sipstream.eval.heldout import heldout_corpus
 
     docs = round_robin(heldout_corpus(), lambda doc: str(doc.get("meta", {}).get("author")))
     return [(doc["doc_id"], doc["text"]) for doc in _take(docs, n, "perplexity_docs")]

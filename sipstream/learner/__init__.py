@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sipstream.learner.config import LearnerConfig
+from sipstream.config.learner import LearnerConfig
+from sipstream.learner.loop import run_learner as run
 
 __all__ = ["LearnerConfig", "run_learner"]
 
 
 def run_learner(cfg: Any, bootstrap: str, **kwargs: Any) -> Any:
     """Entry point (lazy import of torch): see `sipstream.learner.loop.run_learner`."""
-    from sipstream.learner.loop import run_learner as run
 
     return run(cfg, bootstrap, **kwargs)

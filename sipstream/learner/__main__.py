@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sipstream.config import load_config
+from pydantic import ValidationError
+
+from sipstream.config import _parse_scalar, load_config
+from sipstream.config.learner import LearnerConfig
 from sipstream.errors import UserError
-from sipstream.learner.config import LearnerConfig
+from sipstream.telemetry.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from pydantic import ValidationError
 
-    from sipstream.config import _parse_scalar
-    from sipstream.logs import configure_logging
 
     learner_sets = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith("learner.")]
     others = [o for o in args.overrides if o not in learner_sets]

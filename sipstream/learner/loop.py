@@ -26,6 +26,7 @@ process never touches torch.distributed).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -39,8 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
 from sipstream.bus import topics as T
+from sipstream.bus.client import consumer_config, producer_config, usable_messages
+from sipstream.bus.deadletter import deadletter_from_message
 from sipstream.bus.dedupe import SeenIds
+from sipstream.config.learner import LearnerConfig
 from sipstream.errors import UserError
 from sipstream.learner.checkpoint import (
     LearnerState,
@@ -48,7 +54,6 @@ from sipstream.learner.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from sipstream.learner.config import LearnerConfig
 from sipstream.learner.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -58,6 +63,7 @@ from sipstream.learner.distributed import (
     wrap_model,
 )
 from sipstream.learner.losses import ALGOS, Algo, LossInputs
+from sipstream.learner.record import RunRecord
 from sipstream.learner.sequences import (
     Example,
     continuation_texts,
@@ -71,7 +77,10 @@ from sipstream.learner.weights import (
     load_state_into,
     unique_state_dict,
 )
-from sipstream.logs import get_logger
+from sipstream.runs.manifest import tensors_sha256, tokenizer_sha256
+from sipstream.telemetry.health import start_health_server
+from sipstream.telemetry.logs import get_logger
+from sipstream.telemetry.metrics import ProcessMetrics
 
 SINGLE_PROCESS = DistInfo()
 
@@ -143,7 +152,6 @@ def enable_gradient_checkpointing(model: Any) -> None:
 
 def build_policy(policy_spec: Any, cfg: LearnerConfig, dist: DistInfo = SINGLE_PROCESS) -> Policy:
     """Load the policy (float32 master weights), a frozen copy as DPO reference, AdamW and its schedule."""
-    import copy
 
     import torch
 
@@ -284,9 +292,7 @@ class PairReader:
     """Rank 0's side of the bus: the sip.pairs consumer, the producer, dead letters and commits."""
 
     def __init__(self, cfg: Any, bootstrap: str, positions: dict[int, int], instance_id: str, log: Any) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-        from sipstream.bus.client import consumer_config, producer_config
 
         self.cfg = cfg
         self.log = log
@@ -320,7 +326,6 @@ class PairReader:
 
     def consume(self, count: int, timeout: float) -> list[Any]:
         """Up to `count` records (never more, so nothing is read ahead of the step that needs it)."""
-        from sipstream.bus.client import usable_messages
 
         messages = self.consumer.consume(num_messages=count, timeout=timeout)
         self.producer.poll(0)  # serve delivery callbacks
@@ -350,7 +355,6 @@ class PairReader:
             raise RuntimeError(f"{what}: {remaining} record(s) unacknowledged, failures: {errors[:3]}")
 
     def deadletter(self, msg: Any, error: str, reason: str) -> None:
-        from sipstream.bus.deadletter import deadletter_from_message
 
         self.produce(T.DEADLETTER, deadletter_from_message(msg, stage="learner", instance=self.instance_id, error=error,
                                                            reason=reason, limit=self.cfg.runner.deadletter_max_value_bytes))
@@ -360,7 +364,6 @@ class PairReader:
 
     def commit(self, positions: dict[int, int]) -> None:
         """Commit the offsets a checkpoint covers (a synchronous round trip to the broker)."""
-        from confluent_kafka import TopicPartition
 
         todo = {p: o for p, o in positions.items() if self.committed.get(p) != o}
         if not todo:
@@ -458,16 +461,12 @@ def run_learner(
     `cfg` is the full `sipstream.config.Config` (run_name, run_dir, seed, bus, runner, models.policy);
     `learner` overrides `cfg.learner`. Returns the final state (step, version, counters).
 
-    Replay hooks (`sipstream.replay`): `pair_reader` builds the reader instead of `PairReader` (same
+    Replay hooks (`sipstream.replay.run`): `pair_reader` builds the reader instead of `PairReader` (same
     arguments); `expect_initial_sha256` refuses to train from other initial weights than the recorded
     run's; `manifest_extra` is merged into this run's manifest.
     """
     import torch
 
-    from sipstream.health import start_health_server
-    from sipstream.learner.record import RunRecord
-    from sipstream.manifest import tensors_sha256, tokenizer_sha256
-    from sipstream.metrics import ProcessMetrics
 
     lcfg = resolve_learner_config(cfg, learner)
     algo = ALGOS[lcfg.algo]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from sipstream.learner.config import LearnerConfig
+    from sipstream.config.learner import LearnerConfig
 
 
 @dataclass

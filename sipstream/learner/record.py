@@ -2,8 +2,8 @@
 
 `RunRecord` is driven by the loop at three points: a batch was accounted (append its records to the
 log), a checkpoint is about to be written (fsync the log, tell the state how many lines it covers),
-and the state changed visibly (rewrite `manifest.json`). See `sipstream.manifest` for the manifest's
-fields and `sipstream.learner.consumption` for the log.
+and the state changed visibly (rewrite `manifest.json`). See `sipstream.runs.manifest` for the manifest's
+fields and `sipstream.runs.consumption` for the log.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sipstream import manifest as M
 from sipstream.bus import topics as T
 from sipstream.learner.checkpoint import LearnerState
-from sipstream.learner.consumption import LOG_NAME, ConsumptionLog
+from sipstream.runs import manifest as M
+from sipstream.runs.consumption import LOG_NAME, ConsumptionLog
 
 
 class RunRecord:

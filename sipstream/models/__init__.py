@@ -9,6 +9,7 @@ dependencies when a model is built. Typical use in a stage::
 
 from __future__ import annotations
 
+from sipstream.config.models import JudgeSpec, ModelsConfig, ModelSpec, RewriterSpec
 from sipstream.models.base import (
     BackendRequestError,
     ModelError,
@@ -19,8 +20,13 @@ from sipstream.models.base import (
     derive_seed,
     sha256_file,
 )
-from sipstream.models.config import JudgeSpec, ModelsConfig, ModelSpec, RewriterSpec
-from sipstream.models.judge import CandidateScores, Judge, JudgeRequest, JudgeResult, JudgeVerdictError
+from sipstream.models.judge import (
+    CandidateScores,
+    Judge,
+    JudgeRequest,
+    JudgeResult,
+    JudgeVerdictError,
+)
 from sipstream.models.rewriter import Rewriter, RewriteRequest, RewriteResult
 
 __all__ = [

@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import struct
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -143,7 +145,6 @@ def safetensors_views(data: bytes) -> dict[str, Any]:
     135M policy in float32: +540 MB of peak memory per reload). Callers copy the views into their own
     parameters and drop ``data``. Call it on bytes that passed :func:`safetensors_problem`; every
     tensor's byte range is checked against its dtype and shape here too."""
-    import warnings
 
     import torch
 
@@ -209,7 +210,6 @@ def fetch_weights_file(path_or_uri: str, sha256: str, scratch_dir: str | Path | 
     tensor is read, so a truncated, tampered or pickled file never reaches the model.
     """
     if "://" in path_or_uri and not path_or_uri.startswith("file://"):
-        import tempfile
 
         import fsspec
 

@@ -17,13 +17,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sipstream.config.models import ModelSpec
 from sipstream.models.base import (
     WeightsMismatchError,
     distinguishing_tokens,
     read_verified_weights,
     safetensors_views,
 )
-from sipstream.models.config import ModelSpec
 from sipstream.models.sources import resolve_source
 
 if TYPE_CHECKING:

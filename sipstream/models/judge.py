@@ -29,6 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from sipstream.config.models import JudgeSpec
 from sipstream.models.base import (
     ModelError,
     TextModel,
@@ -36,8 +37,13 @@ from sipstream.models.base import (
     derive_seed,
     distinguishing_tokens,
 )
-from sipstream.models.config import JudgeSpec
-from sipstream.models.prompts import last_words, load_prompt, neutralise, prompt_directives, template_fields
+from sipstream.models.prompts import (
+    last_words,
+    load_prompt,
+    neutralise,
+    prompt_directives,
+    template_fields,
+)
 from sipstream.models.prompts import render_prompt as _render_template
 
 # Verdict label -> the surface forms whose first token counts for it in logit mode. The prompts end

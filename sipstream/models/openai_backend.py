@@ -30,13 +30,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from sipstream.config.models import ModelSpec
 from sipstream.models.base import (
     BackendRequestError,
     ModelError,
     ModelNotAvailableError,
     TokenizerUnavailableError,
 )
-from sipstream.models.config import ModelSpec
+from sipstream.models.sources import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ class OpenAIModel:
         if spec.tokenizer is not None:
             from transformers import AutoTokenizer
 
-            from sipstream.models.sources import resolve_source
 
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_source(spec.tokenizer, spec.cache_dir))
 

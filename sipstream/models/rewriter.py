@@ -16,10 +16,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sipstream.config.models import RewriterSpec
 from sipstream.models.base import TextModel, derive_seed
-from sipstream.models.config import RewriterSpec
 from sipstream.models.judge import CandidateScores, Judge, JudgeRequest
-from sipstream.models.prompts import last_words, load_prompt, render_prompt, template_fields
+from sipstream.models.prompts import (
+    last_words,
+    load_prompt,
+    render_prompt,
+    template_fields,
+)
 
 # Where a few-shot-style answer runs on into a new example: everything from here on is dropped.
 _STOP_MARKERS = ("\nPREFIX:", "\nORIGINAL:", "\nREWRITTEN:")

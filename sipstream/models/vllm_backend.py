@@ -21,13 +21,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from sipstream.config.models import ModelSpec
 from sipstream.models.base import (
     ModelNotAvailableError,
     WeightsMismatchError,
     distinguishing_tokens,
     fetch_weights_file,
 )
-from sipstream.models.config import ModelSpec
 from sipstream.models.sources import resolve_source
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from sipstream.bus import topics as T
-from sipstream.logs import get_logger
 from sipstream.report import inputs as I
 from sipstream.report import plots as P
 from sipstream.report.page import (
@@ -27,6 +26,7 @@ from sipstream.report.page import (
     render_page,
     table,
 )
+from sipstream.telemetry.logs import get_logger
 
 REPORT_DIR = "report"
 PNG = {"reward": "reward.png", "curriculum": "curriculum.png", "learner": "learner.png", "eval": "eval.png"}

@@ -16,6 +16,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from sipstream.errors import UserError
 
 CHOSEN_KINDS = ("original", "rewrite", "rollout")
@@ -45,7 +47,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def read_config(run_dir: Path) -> dict[str, Any] | None:
     """The resolved config: config.yaml, else the copy in manifest.json."""
-    import yaml
 
     try:
         data = yaml.safe_load((run_dir / "config.yaml").read_text())

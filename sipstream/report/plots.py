@@ -7,6 +7,7 @@ so plotting works headless and from any thread. matplotlib is imported inside th
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,6 @@ def plot_learner(series: list[dict[str, float]], path: str | Path, *, algo: str 
     name = f"{algo} loss" if algo else "loss"
     axes[0].plot([p["step"] for p in points], [p["loss"] for p in points], marker="o", color=MODEL_COLOR, label=name)
     if algo == "dpo":
-        import math
 
         axes[0].axhline(math.log(2), color=BASELINE_COLOR, linestyle="--", linewidth=1,
                         label="ln 2 = loss with no preference learned")

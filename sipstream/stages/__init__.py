@@ -26,3 +26,14 @@ def build_stage(name: str, cfg: Config) -> Stage:
     if name not in STAGES:
         raise UserError(f"unknown stage {name!r}; choose one of: {', '.join(sorted(STAGES))}")
     return importlib.import_module(STAGES[name]).build(cfg)
+
+
+def stage_class(name: str) -> type:
+    """The `Stage` subclass registered as `name`, without building it (no model is loaded)."""
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; choose one of: {', '.join(sorted(STAGES))}")
+    module = importlib.import_module(STAGES[name])
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, Stage) and value is not Stage and value.name == name:
+            return value
+    raise AssertionError(f"{STAGES[name]} defines no Stage named {name!r}")

@@ -12,7 +12,9 @@ from collections import Counter
 from sipstream.bus import topics as T
 from sipstream.bus.runner import Item, Stage
 from sipstream.config import Config
+from sipstream.models import Judge, JudgeRequest
 from sipstream.stages.assemble import candidate_texts
+from sipstream.stages.models import shared_model
 
 
 class JudgeStage(Stage):
@@ -25,7 +27,6 @@ class JudgeStage(Stage):
         self.counters: Counter[str] = Counter()
 
     def process_batch(self, items: list[Item]) -> list[list[Item]]:
-        from sipstream.models import JudgeRequest
 
         keyed = [candidate_texts(item) for item in items]
         requests = [
@@ -46,7 +47,5 @@ class JudgeStage(Stage):
 
 
 def build(cfg: Config) -> JudgeStage:
-    from sipstream.models import Judge
-    from sipstream.stages.models import shared_model
 
     return JudgeStage(Judge(shared_model(cfg.models.judge), cfg.judge))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from sipstream.models import load_text_model
+
 _LOADED: dict[str, Any] = {}
 _SERIALISE = False
 
@@ -39,7 +41,6 @@ def serialise_shared_models() -> None:
 
 
 def shared_model(spec: Any) -> Any:  # ModelSpec → TextModel
-    from sipstream.models import load_text_model
 
     key = spec.model_dump_json()
     if key not in _LOADED:

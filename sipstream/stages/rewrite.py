@@ -7,9 +7,13 @@ back, RESOURCES.md). `why` records the decision so a reader of the topic can aud
 
 from __future__ import annotations
 
+from collections import Counter
+
 from sipstream.bus import topics as T
 from sipstream.bus.runner import Item, Stage
 from sipstream.config import Config
+from sipstream.models import Judge, Rewriter, RewriteRequest
+from sipstream.stages.models import shared_model
 
 
 class RewriteStage(Stage):
@@ -18,14 +22,12 @@ class RewriteStage(Stage):
     output_topic = T.REWRITTEN
 
     def __init__(self, rewriter, max_new_tokens: int | None = None) -> None:  # noqa: ANN001 - models.Rewriter
-        from collections import Counter
 
         self.rewriter = rewriter
         self.max_new_tokens = max_new_tokens
         self.counters: Counter[str] = Counter()
 
     def process_batch(self, items: list[Item]) -> list[list[Item]]:
-        from sipstream.models import RewriteRequest
 
         requests = [RewriteRequest(i["prefix"], i["suffix"], i["seed"], self.max_new_tokens) for i in items]
         out = []
@@ -37,8 +39,6 @@ class RewriteStage(Stage):
 
 
 def build(cfg: Config) -> RewriteStage:
-    from sipstream.models import Judge, Rewriter
-    from sipstream.stages.models import shared_model
 
     judge_model = shared_model(cfg.models.judge)
     rewriter_model = shared_model(cfg.models.rewriter)

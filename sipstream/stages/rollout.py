@@ -15,7 +15,9 @@ from typing import Any
 from sipstream.bus import topics as T
 from sipstream.bus.runner import Item, Stage
 from sipstream.config import Config, RolloutConfig
-from sipstream.logs import get_logger
+from sipstream.models import ModelError, derive_seed
+from sipstream.stages.models import shared_model
+from sipstream.telemetry.logs import get_logger
 
 
 class RolloutStage(Stage):
@@ -43,7 +45,6 @@ class RolloutStage(Stage):
         announcement, self._pending = self._pending, None
         if announcement is None:
             return
-        from sipstream.models import ModelError
 
         try:
             self.policy.load_weights(announcement["uri"], announcement["sha256"], version=str(announcement["version"]))
@@ -60,7 +61,6 @@ class RolloutStage(Stage):
         return {**self.counters, "policy_version": self.policy_version}
 
     def process_batch(self, items: list[Item]) -> list[list[Item]]:
-        from sipstream.models import derive_seed
 
         k = self.rollout.rollouts
         by_length: dict[int, list[int]] = defaultdict(list)
@@ -78,6 +78,5 @@ class RolloutStage(Stage):
 
 
 def build(cfg: Config) -> RolloutStage:
-    from sipstream.stages.models import shared_model
 
     return RolloutStage(shared_model(cfg.models.policy), cfg.rollout, cfg.run_name)

@@ -15,6 +15,9 @@ from typing import Protocol
 from sipstream.bus import topics as T
 from sipstream.bus.runner import Item, Stage
 from sipstream.config import Config, ItemsConfig
+from sipstream.errors import UserError
+from sipstream.models.base import derive_seed
+from sipstream.models.sources import resolve_source
 
 
 class Tokenizer(Protocol):
@@ -47,7 +50,6 @@ def cut_document(token_ids: list[int], items: ItemsConfig) -> list[Chunk]:
 
 
 def item_seed(run_seed: int, item_id: str) -> int:
-    from sipstream.models.base import derive_seed
 
     return derive_seed(run_seed, item_id) % (2**31)
 
@@ -85,12 +87,10 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
     """The policy's tokenizer alone (no weights), so a split worker stays light."""
     from transformers import AutoTokenizer
 
-    from sipstream.models.sources import resolve_source
 
     spec = cfg.models.policy
     if spec.backend == "openai":
         if spec.tokenizer is None:
-            from sipstream.errors import UserError
 
             raise UserError("split needs a local tokenizer: set models.policy.tokenizer for the openai backend")
         source = spec.tokenizer

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from sipstream.eval.heldout import is_heldout
-from sipstream.experiment import load_experiment, mean_interval, mixed_documents, run_experiment
-from sipstream.learner.consumption import read_log
+from sipstream.experiment.run import load_experiment, mean_interval, mixed_documents, run_experiment
+from sipstream.runs.consumption import read_log
 
 
 def test_mixed_documents_hold_the_configured_share_of_training_split_bad_passages() -> None:
@@ -59,7 +59,7 @@ def test_a_smoke_experiment_trains_every_arm_on_the_same_pairs_and_evaluates_the
     summary = results["summary"]
     assert summary["vs_start"]["dpo"]["win rate"]["n"] == 2 and summary["vs_start"]["dpo"]["win rate"]["ci95"]
     # Against pretrain: every metric, not only the win rate, and win rates pooled over every prompt of every seed.
-    from sipstream.experiment import METRICS
+    from sipstream.experiment.run import METRICS
 
     assert set(summary["vs_pretrain"]) == {"nll", "dpo"}
     assert set(summary["vs_pretrain"]["dpo"]) == {label for label, _, _ in METRICS}

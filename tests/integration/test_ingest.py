@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sipstream.bus import topics as T
-from sipstream.ingest import Rejected, content_doc_id, iter_documents, produce_documents
+from sipstream.ops.ingest import Rejected, content_doc_id, iter_documents, produce_documents
 
 
 def write_inputs(root: Path) -> None:

@@ -11,9 +11,9 @@ from sipstream.bus import topics as T
 from sipstream.bus.runner import StageRunner
 from sipstream.config import merged
 from sipstream.data import load_corpus
-from sipstream.ingest import produce_documents
-from sipstream.manifest import pipeline_manifest
-from sipstream.replay import replay_stage
+from sipstream.ops.ingest import produce_documents
+from sipstream.ops.manifest import pipeline_manifest
+from sipstream.replay.run import replay_stage
 from sipstream.stages import build_stage
 
 TINY = {"policy": {"source": "tiny-gpt2"}, "judge": {"source": "tiny-gpt2"}, "rewriter": {"source": "tiny-gpt2"}}

@@ -19,7 +19,7 @@ from sipstream.bus import topics as T
 from sipstream.bus.broker import free_port
 from sipstream.bus.runner import StageRunner
 from sipstream.config import merged
-from sipstream.metrics import documented_names
+from sipstream.telemetry.metrics import documented_names
 from sipstream.stages.echo import EchoStage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def _wait(condition, timeout: float = 30.0, what: str = "condition") -> None:
 
 
 def test_status_of_a_running_stage_shows_rates_exact_lag_dead_letters_and_policy_age(bus, docs) -> None:
-    from sipstream.status import StatusWatcher, render
+    from sipstream.ops.status import StatusWatcher, render
 
     cfg = bus.cfg
     bus.produce(T.WEIGHTS, [_announcement(cfg.run_name, 1, 90.0), _announcement(cfg.run_name, 2, 30.0),
@@ -181,9 +181,9 @@ def _pair(i: int) -> dict:
 
 
 def test_the_learner_serves_documented_metrics_and_status_shows_its_loss(bus, tmp_path) -> None:
-    from sipstream.learner.config import LearnerConfig
+    from sipstream.config.learner import LearnerConfig
     from sipstream.learner.loop import run_learner
-    from sipstream.status import StatusWatcher
+    from sipstream.ops.status import StatusWatcher
 
     port = free_port()
     cfg = merged(bus.cfg, run_dir=str(tmp_path / "runs"),
@@ -250,7 +250,7 @@ def test_status_command_prints_a_json_snapshot(bus, docs) -> None:
 def test_status_once_prints_tables(bus) -> None:
     from rich.console import Console
 
-    from sipstream.status import run_status
+    from sipstream.ops.status import run_status
 
     console = Console(record=True, width=140)
     snap = run_status(bus.cfg, bus.bootstrap, once=True, interval_s=0.2, console=console)
@@ -367,7 +367,7 @@ def _trickle(bus, stop: threading.Event, every_s: float) -> None:
     """Documents keep arriving while the loop runs (as from a live `sipstream ingest`), so the split stage
     moves whenever status looks, not only in the burst of the run's own ingestion."""
     from sipstream.eval.heldout import training_corpus
-    from sipstream.ingest import produce_documents
+    from sipstream.ops.ingest import produce_documents
 
     corpus = list(training_corpus())
     n = 0

@@ -17,7 +17,7 @@ import pytest
 
 from sipstream.bus import topics as T
 from sipstream.bus.tail import TopicTail
-from sipstream.ingest import produce_documents
+from sipstream.ops.ingest import produce_documents
 
 DOCUMENTS = 4000
 DOC_BYTES = 8 * 1024  # 32 MiB of backlog in all

@@ -119,7 +119,7 @@ def _utf8(data: bytes) -> bool:
 
 
 def test_fuzzed_files_into_ingest_are_produced_or_dead_lettered_with_a_reason(bus, peak_memory, figures) -> None:
-    from sipstream.ingest import Rejected, iter_documents, produce_documents
+    from sipstream.ops.ingest import Rejected, iter_documents, produce_documents
 
     totals = {"inputs": 0, "ingested": 0, "rejected": 0, "examples": 0}
     memory = peak_memory()
@@ -172,7 +172,7 @@ def test_fuzzed_files_into_ingest_are_produced_or_dead_lettered_with_a_reason(bu
 
 
 def _error_class(rejected) -> str:
-    from sipstream.ingest import _rejection_record
+    from sipstream.ops.ingest import _rejection_record
 
     return _rejection_record(rejected)["error"]
 

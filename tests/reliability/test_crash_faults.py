@@ -40,7 +40,7 @@ import pytest
 from sipstream.bus import topics as T
 from sipstream.bus.broker import EmbeddedBroker, free_port
 from sipstream.config import EmbeddedBrokerConfig, project_root
-from sipstream.learner.consumption import iter_records, read_log
+from sipstream.runs.consumption import iter_records, read_log
 
 DOCUMENTS = 10
 ITEMS = 2 * DOCUMENTS  # smoke.yaml cuts 2 items per document (these are long enough)

@@ -12,7 +12,7 @@ from importlib import resources
 
 import pytest
 
-from sipstream.models.config import JudgeSpec, ModelSpec
+from sipstream.config.models import JudgeSpec, ModelSpec
 
 pytestmark = [
     pytest.mark.slow,

@@ -115,7 +115,7 @@ def test_secrets_never_reach_logs_or_run_files(bus, tmp_path: Path, moto_s3, s3_
 def test_listeners_bind_to_loopback_by_default(bus) -> None:
     from sipstream.bus.runner import StageRunner
     from sipstream.config import Config, merged
-    from sipstream.health import start_health_server
+    from sipstream.telemetry.health import start_health_server
     from sipstream.models.serve import CompletionServer
     from sipstream.stages.echo import EchoStage
 

@@ -18,7 +18,7 @@ import pytest
 
 from sipstream.bus import topics as T
 from sipstream.bus.runner import StageRunner
-from sipstream.models.config import JudgeSpec, ModelSpec, RewriterSpec
+from sipstream.config.models import JudgeSpec, ModelSpec, RewriterSpec
 
 TIMEOUT_S = 0.5
 MAX_RETRIES = 1

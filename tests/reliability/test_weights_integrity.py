@@ -66,7 +66,7 @@ def test_bad_weights_are_refused_and_the_rollout_worker_keeps_its_version(bus, t
 
     from sipstream.bus.runner import StageRunner
     from sipstream.config import RolloutConfig
-    from sipstream.models.config import ModelSpec
+    from sipstream.config.models import ModelSpec
     from sipstream.models.hf import HFModel
     from sipstream.stages.rollout import RolloutStage
 

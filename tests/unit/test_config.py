@@ -87,7 +87,7 @@ def test_topic_prefix_names_live_topics() -> None:
 
 def test_sipstream_run_shares_the_cores_out_among_its_model_processes(monkeypatch) -> None:
     from sipstream.config import merged
-    from sipstream.local import thread_env
+    from sipstream.ops.local import thread_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cfg = load_config(env={})
@@ -105,7 +105,7 @@ def test_sipstream_run_shares_the_cores_out_among_its_model_processes(monkeypatc
 def test_colocated_stages_form_process_groups_in_pipeline_order() -> None:
     from sipstream.config import merged
     from sipstream.errors import UserError
-    from sipstream.local import process_groups
+    from sipstream.ops.local import process_groups
 
     cfg = load_config(env={})
     assert process_groups(merged(cfg, local={"colocate": []})) == [[s] for s in ("split", "rewrite", "rollout", "judge", "assemble")]
@@ -119,7 +119,7 @@ def test_colocated_stages_form_process_groups_in_pipeline_order() -> None:
 
 def test_worker_stage_lists_are_checked() -> None:
     from sipstream.errors import UserError
-    from sipstream.worker import parse_stages
+    from sipstream.ops.worker import parse_stages
 
     assert parse_stages("rewrite+judge") == ["rewrite", "judge"]
     assert parse_stages("rollout") == ["rollout"]
@@ -131,7 +131,7 @@ def test_worker_stage_lists_are_checked() -> None:
 
 def test_the_learner_alone_gets_the_malloc_threshold() -> None:
     from sipstream.config import merged
-    from sipstream.local import learner_env
+    from sipstream.ops.local import learner_env
 
     cfg = load_config(env={})
     assert learner_env(cfg, {"A": "1"}) == {"A": "1", "MALLOC_MMAP_THRESHOLD_": "4194304"}  # configs/tiny.yaml

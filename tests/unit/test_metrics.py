@@ -1,12 +1,12 @@
-"""sipstream.metrics: the documented names, their conventions, and one registry per process."""
+"""sipstream.telemetry.metrics: the documented names, their conventions, and one registry per process."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import sipstream.metrics as M
-from sipstream.metrics import SPECS, ProcessMetrics, documented_names
+import sipstream.telemetry.metrics as M
+from sipstream.telemetry.metrics import SPECS, ProcessMetrics, documented_names
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE_NAME = re.compile(r"^\| (sipstream_[a-z_]+) \|", re.MULTILINE)

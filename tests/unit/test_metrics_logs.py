@@ -1,4 +1,4 @@
-"""sipstream.logs: JSON events when stderr is not a terminal, without progress bars in between."""
+"""sipstream.telemetry.logs: JSON events when stderr is not a terminal, without progress bars in between."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from sipstream.config import LoggingConfig
-from sipstream.logs import configure_logging, get_logger
+from sipstream.telemetry.logs import configure_logging, get_logger
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_start_is_the_weights_the_runs_learner_started_from(smoke_run, perturbed
 
     from sipstream.learner.loop import build_policy
     from sipstream.learner.weights import unique_state_dict
-    from sipstream.manifest import tensors_sha256
+    from sipstream.runs.manifest import tensors_sha256
 
     run_dir, first, _ = smoke_run
     cfg, source = load_eval_config(None, [], [f"{run_dir}@1", "start"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sipstream.bus import topics as T
-from sipstream.learner.config import LearnerConfig
+from sipstream.config.learner import LearnerConfig
 from sipstream.learner.loop import run_learner
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from sipstream.models.config import JudgeSpec, ModelSpec
+from sipstream.config.models import JudgeSpec, ModelSpec
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from sipstream.models.base import BackendRequestError, ModelError, ModelNotAvailableError, TokenizerUnavailableError
-from sipstream.models.config import JudgeSpec, ModelSpec
+from sipstream.config.models import JudgeSpec, ModelSpec
 from sipstream.models.judge import Judge, JudgeVerdictError
 from sipstream.models.openai_backend import OpenAIModel
 

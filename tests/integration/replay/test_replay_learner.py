@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from sipstream.bus import topics as T
-from sipstream.learner.consumption import read_log
-from sipstream.replay import replay_learner
+from sipstream.runs.consumption import read_log
+from sipstream.replay.run import replay_learner
 
 
 def tree(path: Path) -> dict[str, float]:
@@ -67,7 +67,7 @@ def test_replay_with_another_algo_trains_on_the_same_pairs(original) -> None:
 def test_export_import_into_a_fresh_broker_then_replay_is_identical(original, tmp_path) -> None:
     from sipstream.bus.broker import EmbeddedBroker
     from sipstream.config import merged
-    from sipstream.export import export_topic, import_export
+    from sipstream.replay.export import export_topic, import_export
 
     cfg, run_dir = original
     archive = (tmp_path / "archive").as_uri()
@@ -103,10 +103,10 @@ def test_the_cli_replays_and_exports_as_the_main_app_will_mount_it(original, tmp
     import typer
     from typer.testing import CliRunner
 
-    from sipstream import replay_cli
+    from sipstream.cli import replay as replay_cli
     from sipstream.config import LoggingConfig
     from sipstream.errors import UserError
-    from sipstream.logs import configure_logging
+    from sipstream.telemetry.logs import configure_logging
 
     app = typer.Typer()  # as sipstream.cli wires it: `replay` sub-app, `export` and `import` commands
     app.add_typer(replay_cli.app, name="replay")
@@ -131,8 +131,8 @@ def test_a_pipeline_run_exports_with_its_learner_and_replays_after_import(origin
     import shutil
 
     from sipstream.config import merged
-    from sipstream.export import export_topic, import_export
-    from sipstream.manifest import pipeline_manifest
+    from sipstream.replay.export import export_topic, import_export
+    from sipstream.ops.manifest import pipeline_manifest
 
     cfg, run_dir = original
     pipeline_dir = tmp_path / "pipeline"
@@ -156,7 +156,7 @@ def test_from_offsets_replays_a_range_the_same_way_with_or_without_the_run_dir(o
     import pytest
 
     from sipstream.errors import UserError
-    from sipstream.replay import offsets_sequence, parse_offsets
+    from sipstream.replay.run import offsets_sequence, parse_offsets
 
     cfg, run_dir = original
     partitions = json.loads((run_dir / "manifest.json").read_text())["topics"][T.PAIRS]["partitions"]
@@ -196,8 +196,8 @@ def test_a_pipeline_run_whose_broker_is_gone_replays_its_learner_from_the_archiv
     RUN_DIR/export/. The replay puts sip.pairs back on a broker of its own and follows the same log."""
     import shutil
 
-    from sipstream.export import export_topic
-    from sipstream.manifest import pipeline_manifest
+    from sipstream.replay.export import export_topic
+    from sipstream.ops.manifest import pipeline_manifest
 
     cfg, run_dir = original
     pipeline_dir = tmp_path / "pipeline"
@@ -225,7 +225,7 @@ def test_a_topic_missing_from_a_live_broker_is_said_at_once(original, tmp_path) 
 
     from sipstream.config import merged
     from sipstream.errors import UserError
-    from sipstream.export import export_topic
+    from sipstream.replay.export import export_topic
 
     cfg, run_dir = original
     started = time.monotonic()

@@ -6,8 +6,9 @@ import json
 
 from sipstream.bus import topics as T
 from sipstream.config import merged
-from sipstream.manifest import pipeline_manifest, topic_positions
-from sipstream.replay import replay_stage
+from sipstream.ops.manifest import pipeline_manifest
+from sipstream.runs.manifest import topic_positions
+from sipstream.replay.run import replay_stage
 
 
 def test_pipeline_manifest_records_this_runs_range_and_a_stage_replays_it_into_new_topics(bus, docs, tmp_path) -> None:
@@ -87,7 +88,7 @@ def test_a_run_whose_in_memory_broker_is_gone_replays_a_stage_from_its_archive(b
     import pytest
 
     from sipstream.errors import UserError
-    from sipstream.export import export_topic
+    from sipstream.replay.export import export_topic
 
     cfg = merged(bus.cfg, run_dir=str(tmp_path / "runs"))
     bus.produce(T.DOCUMENTS, docs(6))

@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
-# Fields the manifests set that sipstream/config.py must define (runner.health_port, runner.health_host).
+# Fields the manifests set that sipstream/config/__init__.py must define (runner.health_port, runner.health_host).
 HEALTH_VARS = ("SIPSTREAM_RUNNER__HEALTH_PORT", "SIPSTREAM_RUNNER__HEALTH_HOST")
 
 

@@ -1,12 +1,12 @@
-"""sipstream.health: probes and a process's Prometheus metrics over a real local HTTP server."""
+"""sipstream.telemetry.health: probes and a process's Prometheus metrics over a real local HTTP server."""
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
 
-from sipstream.health import Health, start_health_server
-from sipstream.metrics import ProcessMetrics
+from sipstream.telemetry.health import Health, start_health_server
+from sipstream.telemetry.metrics import ProcessMetrics
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

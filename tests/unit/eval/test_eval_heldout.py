@@ -39,7 +39,7 @@ def test_split_depends_on_the_id_only() -> None:
 
 
 def test_default_ingest_never_yields_a_heldout_document() -> None:
-    from sipstream.ingest import BUILTIN_CORPUS, iter_documents
+    from sipstream.ops.ingest import BUILTIN_CORPUS, iter_documents
 
     ingested = [doc["doc_id"] for doc in iter_documents([BUILTIN_CORPUS])]
     held = {doc["doc_id"] for doc in heldout.heldout_corpus()}

@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 
-from sipstream.models.config import ModelSpec
+from sipstream.config.models import ModelSpec
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from sipstream.learner.checkpoint import LearnerState, load_latest, save_checkpoint
-from sipstream.learner.config import LearnerConfig
+from sipstream.config.learner import LearnerConfig
 from sipstream.learner.weights import WeightStore, load_state_into, unique_state_dict
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sipstream.learner.config import LearnerConfig
+from sipstream.config.learner import LearnerConfig
 from sipstream.learner.losses import (
     ALGOS,
     LossInputs,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sipstream.learner.config import LearnerConfig
+from sipstream.config.learner import LearnerConfig
 from sipstream.learner.loop import (
     accumulate_gradients,
     build_policy,

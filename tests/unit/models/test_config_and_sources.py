@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from sipstream.models.base import ModelNotAvailableError, derive_seed, distinguishing_tokens
-from sipstream.models.config import JudgeSpec, ModelsConfig, ModelSpec, RewriterSpec
+from sipstream.config.models import JudgeSpec, ModelsConfig, ModelSpec, RewriterSpec
 from sipstream.models.prompts import last_words, render_prompt
 from sipstream.models.sources import PackagedModel, ensure_converted, resolve_source
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sipstream.models.config import CriterionWeights, JudgeSpec
+from sipstream.config.models import CriterionWeights, JudgeSpec
 from sipstream.models.judge import Judge, JudgeRequest, JudgeVerdictError, parse_verdict
 
 PREFIX = "Mr. Bennet was so odd a mixture of quick parts, sarcastic humour, reserve, and caprice, that"

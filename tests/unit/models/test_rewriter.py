@@ -3,7 +3,7 @@ left alone, a rewrite is kept only when the judge scores it above the original, 
 
 from __future__ import annotations
 
-from sipstream.models.config import JudgeSpec, RewriterSpec
+from sipstream.config.models import JudgeSpec, RewriterSpec
 from sipstream.models.judge import Judge
 from sipstream.models.rewriter import Rewriter, RewriteRequest, clean_rewrite, copy_overlap
 

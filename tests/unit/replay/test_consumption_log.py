@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sipstream.learner.consumption import ConsumptionLog, iter_records, ranges, read_log
+from sipstream.runs.consumption import ConsumptionLog, iter_records, ranges, read_log
 
 
 def test_a_resume_cuts_the_log_back_to_the_lines_its_checkpoint_covers(tmp_path) -> None:

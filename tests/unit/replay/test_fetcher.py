@@ -12,7 +12,7 @@ from collections import deque
 import pytest
 
 from sipstream.errors import UserError
-from sipstream.replay import RecordFetcher
+from sipstream.bus.fetch import RecordFetcher
 
 
 class Msg:

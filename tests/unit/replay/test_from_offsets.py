@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sipstream.errors import UserError
-from sipstream.replay import offsets_sequence, parse_offsets
+from sipstream.replay.run import offsets_sequence, parse_offsets
 
 
 def test_ranges_parse_with_exclusive_ends() -> None:

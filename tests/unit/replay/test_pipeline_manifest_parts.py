@@ -10,7 +10,10 @@ import pytest
 
 from sipstream.bus import topics as T
 from sipstream.errors import UserError
-from sipstream.manifest import files_sha256, model_source, pipeline_roles, stage_class
+from sipstream.models.sources import model_source
+from sipstream.ops.manifest import pipeline_roles
+from sipstream.runs.manifest import files_sha256
+from sipstream.stages import stage_class
 
 PIPELINE = ("split", "rewrite", "rollout", "judge", "assemble")
 
@@ -60,7 +63,7 @@ def test_model_files_are_hashed_once_and_again_only_when_they_change(tmp_path) -
 
 
 def test_model_source_records_files_where_there_are_some(tmp_path) -> None:
-    from sipstream.models.config import ModelSpec
+    from sipstream.config.models import ModelSpec
 
     folder = tmp_path / "judge"
     folder.mkdir()
@@ -76,7 +79,7 @@ def test_model_source_records_files_where_there_are_some(tmp_path) -> None:
 
 
 def test_a_run_on_an_in_memory_broker_is_read_from_its_archive_older_manifests_too(tmp_path) -> None:
-    from sipstream.replay import archived
+    from sipstream.replay.source import archived
 
     embedded = {"bootstrap_servers": None, "embedded": {"storage": "memory://tansu/"}}
     marked = {"kind": "pipeline", "bus": {"ephemeral": True}, "archive": "export", "config": {"bus": embedded}}

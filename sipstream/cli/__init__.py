@@ -5,14 +5,36 @@ so `sipstream --help` is instant. User errors print one line and exit 2.
 
 from __future__ import annotations
 
+import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import yaml
 
-from sipstream import replay_cli
+from sipstream.bus import topics as T
+from sipstream.bus.embedded import resolve_bootstrap, run_broker
+from sipstream.bus.sync import sync_topics
+from sipstream.cli import replay as replay_cli
+from sipstream.config import LoggingConfig, load_config
 from sipstream.errors import UserError
+from sipstream.eval.cli import eval_config_from_sets, load_eval_config
+from sipstream.eval.report import markdown_table
+from sipstream.eval.run import evaluate
+from sipstream.experiment.run import load_experiment, resummarise, run_experiment
+from sipstream.learner import run_learner
+from sipstream.models import Judge
+from sipstream.models.judge_eval import run_judge_eval
+from sipstream.ops.ingest import Rejected, iter_documents, produce_documents
+from sipstream.ops.lifeline import die_with_supervisor
+from sipstream.ops.local import run_local
+from sipstream.ops.status import run_status
+from sipstream.ops.worker import run_worker
+from sipstream.report import write_report
+from sipstream.stages.models import shared_model
+from sipstream.telemetry.logs import configure_logging
 
 app = typer.Typer(
     name="sipstream",
@@ -43,8 +65,6 @@ BootstrapOpt = Annotated[
 
 
 def _config(config: Path | None, sets: list[str] | None, bootstrap: str | None = None):  # noqa: ANN202
-    from sipstream.config import load_config
-    from sipstream.logs import configure_logging
 
     overrides = list(sets or [])
     if bootstrap:
@@ -67,7 +87,6 @@ def broker(
     create_topics: Annotated[bool, typer.Option(help="Create the topics from topics/ once ready.")] = True,
 ) -> None:
     """Start the embedded Kafka-protocol broker (Tansu) and keep it running until Ctrl-C / SIGTERM."""
-    from sipstream.bus.embedded import run_broker
 
     overrides = list(sets or [])
     for key, value in (("port", port), ("host", host), ("storage", storage)):
@@ -79,8 +98,6 @@ def broker(
 @topics_app.command("create")
 def topics_create(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers: BootstrapOpt = None) -> None:
     """Create every topic of topics/ that does not exist yet (idempotent)."""
-    from sipstream.bus import topics as T
-    from sipstream.bus.embedded import resolve_bootstrap
 
     cfg = _config(config, sets, bootstrap_servers)
     bootstrap = resolve_bootstrap(cfg)
@@ -91,8 +108,6 @@ def topics_create(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_serve
 @topics_app.command("list")
 def topics_list(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers: BootstrapOpt = None) -> None:
     """List live topics with their partition counts."""
-    from sipstream.bus import topics as T
-    from sipstream.bus.embedded import resolve_bootstrap
 
     cfg = _config(config, sets, bootstrap_servers)
     for name, partitions in T.list_topics(cfg.bus, resolve_bootstrap(cfg)).items():
@@ -107,9 +122,6 @@ def topics_sync(
     apply: Annotated[bool, typer.Option("--apply", help="Make the changes (default: dry run).")] = False,
 ) -> None:
     """Make live topics match topics/: create missing, raise partitions, set retention/configs (never lowers)."""
-    from sipstream.bus import topics as T
-    from sipstream.bus.embedded import resolve_bootstrap
-    from sipstream.bus.sync import sync_topics
 
     cfg = _config(config, sets, bootstrap_servers)
     report = sync_topics(cfg.bus, resolve_bootstrap(cfg), T.load_specs(T.topics_dir(cfg.bus)), apply=apply)
@@ -124,8 +136,6 @@ def topics_sync(
 @topics_app.command("describe")
 def topics_describe(config: ConfigOpt = None, sets: SetOpt = None, bootstrap_servers: BootstrapOpt = None) -> None:
     """Compare each spec in topics/ with the live topic; exit 1 when any differs."""
-    from sipstream.bus import topics as T
-    from sipstream.bus.embedded import resolve_bootstrap
 
     cfg = _config(config, sets, bootstrap_servers)
     specs = T.load_specs(T.topics_dir(cfg.bus))
@@ -152,8 +162,6 @@ def worker(
     max_batches: Annotated[Optional[int], typer.Option(help="Stop after this many batches.", show_default=False)] = None,
 ) -> None:
     """Run one stage as a stream processor until Ctrl-C / SIGTERM."""
-    from sipstream.lifeline import die_with_supervisor
-    from sipstream.worker import run_worker
 
     die_with_supervisor()
     cfg = _config(config, sets, bootstrap_servers)
@@ -178,10 +186,7 @@ def ingest(
     limit: Annotated[Optional[int], typer.Option(help="Stop after this many documents.", show_default=False)] = None,
 ) -> None:
     """Put documents on sip.documents; bad ones go to sip.deadletter with the reason."""
-    import itertools
 
-    from sipstream.bus.embedded import resolve_bootstrap
-    from sipstream.ingest import Rejected, iter_documents, produce_documents
 
     if fmt not in ("auto", "text", "jsonl", "parquet"):
         raise UserError(f"--format must be auto, text, jsonl or parquet, not {fmt!r}")
@@ -218,14 +223,11 @@ def learner(
     instance_id: Annotated[Optional[str], typer.Option(help="Stable learner id.", show_default=False)] = None,
 ) -> None:
     """Train the policy from sip.pairs and publish weights to sip.weights (resumes from its checkpoint)."""
-    from sipstream.bus.embedded import resolve_bootstrap
-    from sipstream.learner import run_learner
 
     overrides = list(sets or [])
     for key, value in (("algo", algo), ("max_steps", max_steps), ("idle_timeout_s", idle_timeout)):
         if value is not None:
             overrides.append(f"learner.{key}={value}")
-    from sipstream.lifeline import die_with_supervisor
 
     die_with_supervisor()
     cfg = _config(config, overrides, bootstrap_servers)
@@ -244,11 +246,7 @@ def judge_eval(
     output: Annotated[Optional[Path], typer.Option(help="Also write the figures as JSON here.", show_default=False)] = None,
 ) -> None:
     """Measure the configured judge on labelled sets built from package-shipped public data."""
-    import json
 
-    from sipstream.models import Judge
-    from sipstream.models.judge_eval import run_judge_eval
-    from sipstream.stages.models import shared_model
 
     cfg = _config(config, sets)
     chosen = tuple(criteria or ("safety", "quality", "factuality"))
@@ -275,7 +273,6 @@ def show_config(
     show: Annotated[bool, typer.Option("--show", help="Print the resolved config as YAML.")] = True,
 ) -> None:
     """Validate the config and print it resolved (file < SIPSTREAM_* env < --set)."""
-    import yaml
 
     cfg = _config(config, sets)
     if show:
@@ -310,7 +307,6 @@ def run(
     Creates the topics, starts every stage as a local process, ingests the shipped public-domain
     corpus and stops once it has flowed through.
     """
-    from sipstream.local import run_local
 
     overrides = list(sets or [])
     for key, value in (("local.max_documents", max_documents), ("learner.max_steps", max_steps),
@@ -330,8 +326,6 @@ def status(
     interval: Annotated[float, typer.Option(help="Seconds between readings (rates are measured over them).", min=0.1)] = 2.0,
 ) -> None:
     """Live view of a running system from the bus: throughput, consumer lag, dead letters, policy, learner."""
-    from sipstream.bus.embedded import resolve_bootstrap
-    from sipstream.status import run_status
 
     cfg = _config(config, sets, bootstrap_servers)
     run_status(cfg, resolve_bootstrap(cfg), as_json=as_json, once=once, interval_s=interval)
@@ -342,8 +336,6 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `sipstream run`.", show_default=False)],
 ) -> None:
     """Plot reward, curriculum, learner loss and evals of a run; write RUN_DIR/report/index.html."""
-    from sipstream.logs import configure_logging
-    from sipstream.report import write_report
 
     configure_logging()
     typer.echo(f"report: {write_report(run_dir)}")
@@ -369,12 +361,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
 ) -> None:
     """Measure a policy against a baseline on held-out data: win rate, safety, factuality, quality."""
-    import json
 
-    from sipstream.eval.cli import eval_config_from_sets, load_eval_config
-    from sipstream.eval.report import markdown_table
-    from sipstream.eval.run import evaluate
-    from sipstream.logs import configure_logging
 
     eval_cfg, config_sets = eval_config_from_sets(sets or [])
     baseline_ref = None if baseline.lower() == "none" else baseline
@@ -399,13 +386,9 @@ def experiment(
 
     Writes results.json, results.md and plots into a new directory under the experiment's out_dir.
     """
-    from sipstream.config import LoggingConfig
-    from sipstream.experiment import load_experiment, run_experiment
-    from sipstream.logs import configure_logging
 
     configure_logging(LoggingConfig())
     if config.suffix == ".json":
-        from sipstream.experiment import resummarise
 
         if sets:
             raise UserError("--set changes an experiment to run; a results.json is only re-summarised")

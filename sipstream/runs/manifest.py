@@ -33,6 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+import sipstream
+from sipstream.bus import topics as T
+from sipstream.bus.client import consumer_config
+from sipstream.config import project_root
 from sipstream.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -45,8 +51,6 @@ def now() -> str:
 
 def code_version() -> dict[str, Any]:
     """git describe + commit of the source checkout when there is one, and the package version."""
-    import sipstream
-    from sipstream.config import project_root
 
     out: dict[str, Any] = {"package": sipstream.__version__}
     root = project_root()
@@ -138,10 +142,7 @@ def read_ends(bootstrap: str, bus: Any, names: list[str], start: dict[str, dict[
     end is where nothing new arrived for `quiet_s` once records flow, or for `first_wait_s` when none
     arrived yet (a new consumer's first fetch can take seconds on a busy broker). Partitions without
     records are left out."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    from sipstream.bus import topics as T
-    from sipstream.bus.client import consumer_config
 
     specs = T.load_specs(T.topics_dir(bus))
     consumer = Consumer(consumer_config(bus, bootstrap, group_id=f"{bus.group_prefix}.manifest")
@@ -178,51 +179,6 @@ def topic_entry(live_name: str, role: str, partitions: dict[int, list[int]]) -> 
     return {"live_name": live_name, "role": role,
             "partitions": {str(p): list(span) for p, span in sorted(partitions.items())},
             "records": sum(e - s for s, e in partitions.values())}
-
-
-# --------------------------------------------------------------------------- who read and wrote each topic
-
-
-def stage_class(name: str) -> type:
-    """The `Stage` subclass registered as `name`, without building it (no model is loaded)."""
-    import importlib
-
-    from sipstream.bus.runner import Stage
-    from sipstream.stages import STAGES
-
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; choose one of: {', '.join(sorted(STAGES))}")
-    module = importlib.import_module(STAGES[name])
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, Stage) and value is not Stage and value.name == name:
-            return value
-    raise AssertionError(f"{STAGES[name]} defines no Stage named {name!r}")
-
-
-def pipeline_roles(stages: Any) -> dict[str, dict[str, list[str]]]:
-    """{topic: {"produced_by": [...], "consumed_by": [...]}} for a run of `stages`, ingest and the learner."""
-    from sipstream.bus import topics as T
-
-    roles: dict[str, dict[str, list[str]]] = {}
-
-    def add(topic: str, side: str, who: str) -> None:
-        entry = roles.setdefault(topic, {"produced_by": [], "consumed_by": []})
-        if who not in entry[side]:
-            entry[side].append(who)
-
-    add(T.DOCUMENTS, "produced_by", "ingest")
-    for name in stages:
-        cls = stage_class(name)
-        add(cls.input_topic, "consumed_by", name)
-        for topic in cls.control_topics:
-            add(topic, "consumed_by", name)
-        for topic in (cls.output_topic, T.METRICS, T.DEADLETTER):  # the runner produces the last two
-            if topic:
-                add(topic, "produced_by", name)
-    add(T.PAIRS, "consumed_by", "learner")
-    for topic in (T.WEIGHTS, T.METRICS, T.DEADLETTER):
-        add(topic, "produced_by", "learner")
-    return roles
 
 
 # --------------------------------------------------------------------------- model files
@@ -269,64 +225,3 @@ def files_sha256(path: Path, cache_file: Path | None = None) -> str:
         except OSError:
             pass  # a read-only cache folder only costs the next run another hash
     return out
-
-
-def model_source(spec: Any) -> dict[str, Any]:
-    """What a model spec names and, where it resolves to files on this machine, their sha256.
-
-    Never downloads or converts: a packaged model not converted yet, a hub id or an HTTP server is
-    recorded by name only (`sha256` null, `why` says so)."""
-    from sipstream.models.sources import PACKAGED_MODELS
-
-    out: dict[str, Any] = {"backend": spec.backend, "source": spec.source}
-    if spec.backend == "openai":
-        return out | {"base_url": spec.base_url, "openai_model": spec.openai_model, "sha256": None,
-                      "why": "served over HTTP; its weights are not on this machine"}
-    cache_dir = Path(spec.cache_dir).expanduser()
-    if spec.source == "tiny-gpt2":
-        path = cache_dir / f"tiny-gpt2-seed{spec.seed}"
-    elif spec.source in PACKAGED_MODELS:
-        path = cache_dir / PACKAGED_MODELS[spec.source].cache_name
-    else:
-        path = Path(spec.source).expanduser()
-    if not path.exists():
-        return out | {"sha256": None, "why": f"{path} does not exist here (a hub id, or not built yet)"}
-    return out | {"path": str(path.resolve()), "sha256": files_sha256(path, cache_dir / ".sha256-cache.json")}
-
-
-def pipeline_manifest(run_dir: Path, cfg: Any, bootstrap: str, begin: dict[str, dict[int, int]] | None = None,
-                      topics: list[str] | None = None, extra: dict[str, Any] | None = None,
-                      stages: Any = None, ephemeral: bool = False, archive: str | None = None) -> dict[str, Any]:
-    """Write `<run_dir>/manifest.json` for a whole-pipeline run (`sipstream run`); returns it.
-
-    Call it at the end of the run, before the broker stops: it reads each topic from `begin` (what
-    `topic_positions` returned before the run started; default: the beginning) to its end, and links
-    the learner's own manifest when there is one. With `stages` (the stages the run ran), each topic
-    names who produced and who consumed it, and the judge's and rewriter's model files are hashed.
-    `ephemeral`: the broker's records end with the run; `archive` (relative to the run directory)
-    says where they were exported for replay."""
-    from sipstream.bus import topics as T
-
-    names = topics or list(T.CORE_TOPICS)
-    ranges = read_ends(bootstrap, cfg.bus, names, begin)
-    learner_dir = Path(run_dir) / cfg.run_name
-    roles = pipeline_roles(stages) if stages is not None else {}
-    entries = {}
-    for n in names:
-        who = roles.get(n)
-        role = "produced" if who is None or who["produced_by"] else "consumed"
-        entries[n] = topic_entry(cfg.bus.topic(n), role, ranges[n]) | (who or {})
-    data = {
-        "format": FORMAT, "kind": "pipeline", "created_at": now(), "run_name": cfg.run_name,
-        "config": cfg.model_dump(mode="json"), "code": code_version(), "seeds": {"root": cfg.seed},
-        "bus": {"bootstrap_servers": bootstrap, "topic_prefix": cfg.bus.topic_prefix, "ephemeral": ephemeral},
-        "topics": entries,
-        "learner_run": cfg.run_name if (learner_dir / MANIFEST_NAME).is_file() else None,
-        **({"archive": archive} if archive else {}),
-        **(extra or {}),
-    }
-    if stages is not None:
-        # The learner's manifest also hashes the policy's loaded weights and tokenizer (initial_sha256).
-        data["models"] = {role: model_source(getattr(cfg.models, role)) for role in ("policy", "judge", "rewriter")}
-    write_json(Path(run_dir) / MANIFEST_NAME, data)
-    return data

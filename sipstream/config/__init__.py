@@ -29,9 +29,9 @@ from pydantic import (
     model_validator,
 )
 
+from sipstream.config.learner import LearnerConfig
+from sipstream.config.models import JudgeSpec, ModelsConfig, RewriterSpec
 from sipstream.errors import ConfigError
-from sipstream.learner.config import LearnerConfig
-from sipstream.models.config import JudgeSpec, ModelsConfig, RewriterSpec
 
 ENV_PREFIX = "SIPSTREAM_"
 #: A JSON mapping of config sections holding credentials (`{"bus": {"client": {"sasl.password": "..."}}}`),
@@ -39,7 +39,7 @@ ENV_PREFIX = "SIPSTREAM_"
 #: writing them into the config file it gives them.
 SECRETS_ENV = "SIPSTREAM_SECRETS"
 # Environment variables with this prefix that are not config fields.
-# `sipstream run` tells its children its pid (sipstream/lifeline.py): not a config field either.
+# `sipstream run` tells its children its pid (sipstream/ops/lifeline.py): not a config field either.
 SUPERVISOR_ENV = "SIPSTREAM_SUPERVISOR_PID"
 ENV_RESERVED = {"SIPSTREAM_CONFIG", "SIPSTREAM_HOME", SECRETS_ENV, SUPERVISOR_ENV}
 
@@ -307,7 +307,7 @@ def secrets_env(cfg: Config) -> dict[str, str]:
 
 def project_root() -> Path:
     """The source checkout (editable install) holding `configs/` and `topics/`."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parent.parent.parent
 
 
 def default_config_path() -> Path:
@@ -433,3 +433,14 @@ def merged(config: Config, **sections: Mapping[str, Any]) -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, {})) from None
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """`section.field=value` strings (as `--set` takes them) on top of a loaded config (validated)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), _parse_scalar(raw))
+    return merged(config, **tree) if tree else config

@@ -1,6 +1,6 @@
 """Command line of replay: `sipstream replay learner|stage` (this sub-app) and the `export` / `import`
 commands (functions the main CLI registers). Each parses options and calls one function of
-`sipstream.replay` or `sipstream.export`; user errors are `UserError`s, printed as one line by
+`sipstream.replay.run` or `sipstream.replay.export`; user errors are `UserError`s, printed as one line by
 `sipstream.cli.main`.
 """
 
@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from sipstream.config import LoggingConfig, load_config
+from sipstream.errors import UserError
+from sipstream.replay.export import export_topic, import_export, read_export
+from sipstream.replay.run import replay_learner, replay_stage
+from sipstream.telemetry.logs import configure_logging
 
 app = typer.Typer(help="Re-run recorded runs from the topics: the learner, or one stage.", no_args_is_help=True)
 
@@ -31,8 +37,6 @@ OutOpt = Annotated[
 
 
 def _logging() -> None:
-    from sipstream.config import LoggingConfig
-    from sipstream.logs import configure_logging
 
     configure_logging(LoggingConfig())
 
@@ -64,8 +68,6 @@ def learner(
 
     With the algorithm unchanged, the final weights must be bit-identical on CPU: exits 1 when they differ.
     """
-    from sipstream.errors import UserError
-    from sipstream.replay import replay_learner
 
     if algo is not None and algo not in ("dpo", "nll", "pretrain"):
         raise UserError(f"--algo must be dpo, nll or pretrain, not {algo!r}")
@@ -77,7 +79,6 @@ def learner(
     _logging()
     cfg = None
     if run is None:
-        from sipstream.config import load_config
 
         cfg = load_config(config, [])
     result = replay_learner(run, bootstrap=bootstrap_servers, algo=algo, overrides=sets or [], out_dir=out,
@@ -111,7 +112,6 @@ def stage(
 
     A default `sipstream run` (in-memory broker, gone with the run) replays from its RUN_DIR/export/ archive,
     on --bootstrap-servers or on an embedded broker started for the replay."""
-    from sipstream.replay import replay_stage
 
     _logging()
     result = replay_stage(name, run, bootstrap=bootstrap_servers, overrides=sets or [], out_dir=out, timeout_s=timeout)
@@ -129,7 +129,6 @@ def export_command(
     bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Write the range of TOPIC a run recorded to files (with the run's manifest), for archive or another cluster."""
-    from sipstream.export import export_topic
 
     _logging()
     entry = export_topic(topic, run, to, fmt=fmt, bootstrap=bootstrap_servers)  # type: ignore[arg-type]
@@ -150,8 +149,6 @@ def import_command(
     ] = None,
 ) -> None:
     """Put exported records back on a bus and write a run directory whose offsets point at them."""
-    from sipstream.config import load_config
-    from sipstream.export import import_export, read_export
 
     read_export(source)  # a wrong folder is the error to report, whether or not a broker runs
     _logging()

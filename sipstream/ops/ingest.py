@@ -20,12 +20,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from confluent_kafka import Producer
+
 from sipstream.bus import topics as T
 from sipstream.bus.client import producer_config
 from sipstream.bus.deadletter import deadletter_record
 from sipstream.config import BusConfig
 from sipstream.errors import UserError
-from sipstream.logs import get_logger
+from sipstream.eval.heldout import training_corpus
+from sipstream.telemetry.logs import get_logger
 
 Format = Literal["auto", "text", "jsonl", "parquet"]
 BUILTIN_CORPUS = "builtin:public_domain"
@@ -109,7 +112,6 @@ def iter_documents(
     for source in sources:
         if source == BUILTIN_CORPUS:
             # The held-out documents `sipstream eval` measures on never enter the training stream.
-            from sipstream.eval.heldout import training_corpus
 
             yield from training_corpus()
             continue
@@ -217,7 +219,6 @@ def produce_documents(
 ) -> IngestReport:
     """Validate and produce documents (keyed by doc_id) and rejections (to the dead-letter topic);
     return once every record is acknowledged."""
-    from confluent_kafka import Producer
 
     log = get_logger(stage="ingest")
     spec = T.load_specs(T.topics_dir(bus))[T.DOCUMENTS]

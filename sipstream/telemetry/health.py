@@ -2,7 +2,7 @@
 
     GET /livez    200 while the poll loop keeps turning (a beat within `stale_after_s`), else 503
     GET /readyz   200 once the loop has turned at least once and until shutdown begins, else 503
-    GET /metrics  the process's Prometheus metrics (`sipstream.metrics`: names, types, labels)
+    GET /metrics  the process's Prometheus metrics (`sipstream.telemetry.metrics`: names, types, labels)
 
 Liveness is "the loop is not stuck", not "there is work": an idle worker beats every
 `runner.batch_timeout_s`. During one long batch (model calls) there is no beat, so `stale_after_s`

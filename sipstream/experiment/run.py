@@ -35,8 +35,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sipstream.bus import topics as T
+from sipstream.bus.broker import EmbeddedBroker
+from sipstream.bus.runner import StageRunner
+from sipstream.config import load_config, merged
 from sipstream.errors import UserError
-from sipstream.logs import get_logger
+from sipstream.eval import EvalConfig, evaluate
+from sipstream.eval.heldout import training_corpus, training_probes
+from sipstream.eval.stats import wilson_interval
+from sipstream.ops.ingest import produce_documents
+from sipstream.ops.local import run_local
+from sipstream.bus.fetch import RecordFetcher
+from sipstream.replay.run import replay_learner
+from sipstream.runs.manifest import now, read_ends
+from sipstream.stages import build_stage
+from sipstream.telemetry.logs import get_logger
 
 ARMS = ("pretrain", "nll", "dpo")
 #: Toxicity categories whose prompts read as unsafe text to imitate (flirtation and the like are mild).
@@ -144,7 +157,6 @@ def mixed_documents(exp: ExperimentConfig, seed: int) -> list[dict]:
 
     Each document's `meta.injected` says what was put in ("unsafe", "false" or None) and from which
     probe ids, so the stream's composition can be counted downstream."""
-    from sipstream.eval.heldout import training_corpus, training_probes
 
     rng = random.Random(seed)
     corpus = training_corpus()
@@ -180,8 +192,6 @@ def mixed_documents(exp: ExperimentConfig, seed: int) -> list[dict]:
 
 
 def _stage(name: str, cfg: Any, bootstrap: str, expect: int) -> dict[str, float]:
-    from sipstream.bus.runner import StageRunner
-    from sipstream.stages import build_stage
 
     stats = StageRunner(build_stage(name, cfg), cfg, bootstrap).run(until=lambda s: s.counters["consumed"] >= expect)
     return dict(stats.counters)
@@ -189,9 +199,6 @@ def _stage(name: str, cfg: Any, bootstrap: str, expect: int) -> dict[str, float]
 
 def score_stream(cfg: Any, bootstrap: str, documents: list[dict], log: Any) -> dict[str, Any]:
     """split → rewrite → rollout → judge → assemble, each stage run until it consumed its input."""
-    from sipstream.bus import topics as T
-    from sipstream.ingest import produce_documents
-    from sipstream.manifest import read_ends
 
     T.create_topics(cfg.bus, bootstrap, T.load_specs(T.topics_dir(cfg.bus)))
     produce_documents(cfg.bus, bootstrap, documents)
@@ -206,8 +213,6 @@ def score_stream(cfg: Any, bootstrap: str, documents: list[dict], log: Any) -> d
 
 
 def read_pairs(cfg: Any, bootstrap: str, ranges: dict[int, list[int]]) -> list[dict]:
-    from sipstream.bus import topics as T
-    from sipstream.replay import RecordFetcher
 
     fetcher = RecordFetcher(cfg.bus, bootstrap, cfg.bus.topic(T.PAIRS))
     try:
@@ -236,8 +241,6 @@ def stream_summary(pairs: list[dict], documents: list[dict]) -> dict[str, Any]:
 
 def train_arm(cfg: Any, arm: str, bootstrap: str, spec: str, steps: int, out: Path) -> dict[str, Any]:
     """One arm: `replay learner --from-offsets` over the seed's pairs with this arm's loss."""
-    from sipstream.config import merged
-    from sipstream.replay import replay_learner
 
     arm_cfg = merged(cfg, run_name=f"{arm}", learner={"algo": arm})
     result = replay_learner(None, from_offsets=spec, config=arm_cfg, bootstrap=bootstrap, out_dir=out,
@@ -298,7 +301,6 @@ def pooled_win_rate(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None
 
     Complements the across-seed t-interval: with three seeds that interval is wide, and it collapses
     to a point when the seeds happen to give the same rate, which says nothing about the prompts."""
-    from sipstream.eval.stats import wilson_interval
 
     counts = [e["win_rate"] for e in evals if e and e.get("win_rate")]
     if not counts:
@@ -490,9 +492,6 @@ def curriculum_by_position(kinds: list[str | None], buckets: int = 4) -> dict[st
 
 def run_experiment(exp: ExperimentConfig, *, command: str = "", bootstrap: str | None = None) -> Path:
     """Run every seed and arm, evaluate, and write results.{json,md} and plots; returns the directory."""
-    from sipstream.config import load_config, merged
-    from sipstream.eval import EvalConfig, evaluate
-    from sipstream.manifest import now
 
     log = get_logger(component="experiment", experiment=exp.name)
     try:
@@ -511,7 +510,6 @@ def run_experiment(exp: ExperimentConfig, *, command: str = "", bootstrap: str |
 
     broker = None
     if exp.mode == "shared" and bootstrap is None and base.bus.bootstrap_servers is None:
-        from sipstream.bus.broker import EmbeddedBroker
 
         broker = EmbeddedBroker(base.bus.embedded)
         broker.start()
@@ -598,8 +596,6 @@ def resummarise(results_json: str | Path, out: str | Path | None = None, prefix:
 
 def _online_seed(cfg: Any, exp: ExperimentConfig, documents: list[dict], seed_dir: Path, log: Any) -> dict[str, Any]:
     """Online mode: each arm runs the whole loop (`sipstream run`) on the same documents."""
-    from sipstream.config import merged
-    from sipstream.local import run_local
 
     record: dict[str, Any] = {"arms": {}, "stream": {}, "curriculum": {}}
     for arm in exp.arms:

@@ -30,86 +30,45 @@ holds the recorded topics and partitions (or the archive holds them).
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sipstream import manifest as M
+from confluent_kafka import Producer
+
 from sipstream.bus import topics as T
+from sipstream.bus.client import producer_config
+from sipstream.bus.embedded import resolve_bootstrap
+from sipstream.bus.fetch import RecordFetcher, require_topics
+from sipstream.bus.runner import StageRunner
+from sipstream.config import apply_overrides, merged
 from sipstream.errors import UserError
-from sipstream.logs import get_logger
+from sipstream.learner.loop import PairReader, run_learner
+from sipstream.replay.export import (
+    export_topic,
+    put_back,
+    translate_offset,
+)
+from sipstream.replay.source import (
+    ARCHIVE_DIR,
+    LIVE_RUN_HINT,
+    archived,
+    check_archive,
+    pipeline_of,
+    recorded_config,
+    replay_broker,
+    stamp,
+)
+from sipstream.runs import manifest as M
+from sipstream.runs.consumption import iter_records, read_log
+from sipstream.stages import build_stage, stage_class
+from sipstream.telemetry.logs import get_logger
 
 # --------------------------------------------------------------------------- reading recorded records
-
-
-def retention_error(topic: str, partition: int, wanted: int, first: int) -> UserError:
-    return UserError(
-        f"{topic} partition {partition}: the run recorded offsets from {wanted}, but the broker's first retained "
-        f"record is now {first} (records {wanted}..{first - 1} were deleted by retention); keep replayable topics "
-        f"forever with retention.ms=-1 (`kafka-configs --alter --entity-type topics --entity-name {topic} "
-        "--add-config retention.ms=-1`, as topics/*.yaml set it), or archive runs with `sipstream export` and "
-        "replay them from `sipstream import`")
-
-
-#: What to do when a run's recorded topics are not on the broker a replay was pointed at.
-_LIVE_RUN_HINT = ("replay on the cluster that holds the run (--bootstrap-servers), or put an export of it back "
-                  "first with `sipstream import`")
-
-
-def require_topics(bus: Any, bootstrap: str, wanted: dict[str, list[int]], hint: str, timeout: float = 10.0) -> None:
-    """Fail at once, in one line, when the broker at `bootstrap` does not answer, or lacks a topic or a
-    partition in `wanted` ({live topic name: partitions}): reading it would only wait for records that
-    never come. `hint` says what to do instead."""
-    from confluent_kafka import KafkaError
-    from confluent_kafka.admin import AdminClient
-
-    from sipstream.bus.client import admin_config, check_reachable
-
-    check_reachable(bus, bootstrap, timeout)
-    # All topics, not the wanted ones by name: asking for a topic by name auto-creates it on some brokers.
-    metadata = AdminClient(admin_config(bus, bootstrap) | {"log_level": 0}).list_topics(timeout=timeout)
-    for topic, partitions in wanted.items():
-        found = metadata.topics.get(topic)
-        if found is None or (found.error is not None and found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
-            raise UserError(f"topic {topic} does not exist on {bootstrap}; {hint}")
-        absent = sorted(set(partitions) - set(found.partitions))
-        if absent:
-            raise UserError(f"topic {topic} on {bootstrap} has {len(found.partitions)} partition(s), but the run "
-                            f"recorded partition {absent[0]}; {hint}")
-
-
-def _pipeline_of(run_dir: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """The `sipstream run` a learner run belongs to (its directory holds the pipeline's manifest), else itself."""
-    if data.get("kind") == "learner" and (run_dir.parent / M.MANIFEST_NAME).is_file():
-        try:
-            parent = json.loads((run_dir.parent / M.MANIFEST_NAME).read_text(encoding="utf-8"))
-        except ValueError:
-            parent = {}
-        if parent.get("kind") == "pipeline" and parent.get("learner_run") == run_dir.name:
-            return run_dir.parent, parent
-    return run_dir, data
-
-
-def archived(run_dir: Path, data: dict[str, Any]) -> Path | None:
-    """The archive folder of a run whose in-memory broker ended with it (None when its topics are live).
-
-    A learner run inside a `sipstream run` directory shares the pipeline's broker, so its archive."""
-    from sipstream.export import ARCHIVE_DIR
-
-    run_dir, data = _pipeline_of(run_dir, data)
-    ephemeral = data.get("bus", {}).get("ephemeral")
-    if ephemeral is None and data.get("kind") == "pipeline":  # written before `bus.ephemeral` was recorded
-        bus = data.get("config", {}).get("bus", {})
-        ephemeral = bus.get("bootstrap_servers") is None and str(bus.get("embedded", {}).get("storage")).startswith(
-            "memory://")
-    return run_dir / data.get("archive", ARCHIVE_DIR) if ephemeral else None
 
 
 @contextmanager
@@ -129,150 +88,10 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def check_archive(archive: Path, topics: Sequence[str], run_dir: Path) -> None:
-    """One line when a run's archive lacks a topic a replay needs (its broker, and the records, are gone)."""
-    from sipstream.export import EXPORT_NAME
-
-    try:
-        held = json.loads((archive / EXPORT_NAME).read_text(encoding="utf-8"))["topics"]
-    except (OSError, ValueError, KeyError):
-        held = {}
-    missing = [t for t in topics if t not in held]
-    if missing:
-        raise UserError(f"run {run_dir} ran on an in-memory broker that ended with it, and its archive {archive} "
-                        f"holds no {', '.join(missing)}; runs made before `sipstream run` archived every topic "
-                        "cannot replay this: run again, or run on a persistent broker (`sipstream broker`)")
-
-
-@contextmanager
-def replay_broker(cfg: Any, bootstrap: str | None) -> Iterator[tuple[str, bool]]:
-    """(bootstrap, embedded): the broker given, checked; else an in-memory embedded broker for the
-    duration of the replay (its records end with it)."""
-    if bootstrap is not None:
-        from sipstream.bus.client import check_reachable
-
-        check_reachable(cfg.bus, bootstrap)
-        yield bootstrap, False
-        return
-    from sipstream.bus.broker import EmbeddedBroker
-
-    broker = EmbeddedBroker(cfg.bus.embedded.model_copy(update={"storage": "memory://tansu/", "port": 0}))
-    try:
-        yield broker.start(), True
-    finally:
-        broker.stop()
-
-
-class RecordFetcher:
-    """Reads records of one topic by (partition, offset), one assign()ed consumer per partition.
-
-    Offsets are asked for in increasing order per partition (a consumption log is: within a
-    partition the learner reads forward); an earlier offset re-seeks. Never relies on watermarks.
-    A partition whose first record read lies *after* the offset asked for has lost that range to
-    retention: a `UserError` says which and what to set."""
-
-    def __init__(self, bus: Any, bootstrap: str, topic: str, timeout_s: float = 30.0, batch: int = 500) -> None:
-        self.bus, self.bootstrap, self.topic = bus, bootstrap, topic
-        self.timeout_s, self.batch = timeout_s, batch
-        self.consumers: dict[int, Any] = {}
-        self.buffers: dict[int, deque[Any]] = {}
-        self.last: dict[int, int] = {}
-        self.fresh: dict[int, bool] = {}  # True until the partition's first record was looked at
-
-    def _open(self, partition: int, offset: int) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        from sipstream.bus.client import consumer_config
-
-        if partition in self.consumers:
-            self.consumers.pop(partition).close()
-        conf = consumer_config(self.bus, self.bootstrap, group_id=f"{self.bus.group_prefix}.replay-reader")
-        # An offset below the log start resets to the earliest retained record: that is how a lost
-        # range shows (the first record read is later than the one asked for). Nothing is committed.
-        conf |= {"auto.offset.reset": "earliest", "enable.partition.eof": False}
-        consumer = Consumer(conf)
-        consumer.assign([TopicPartition(self.topic, partition, offset)])
-        self.consumers[partition] = consumer
-        self.buffers[partition] = deque()
-        self.fresh[partition] = True
-
-    def _fill(self, partition: int) -> bool:
-        from confluent_kafka import KafkaError, KafkaException
-
-        got = False
-        for msg in self.consumers[partition].consume(self.batch, timeout=0.5):
-            err = msg.error()
-            if err is None:
-                self.buffers[partition].append(msg)
-                got = True
-            elif err.code() == KafkaError._PARTITION_EOF:
-                continue
-            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise UserError(f"topic {self.topic} does not exist on {self.bootstrap}; replay from the cluster that "
-                                "holds the run, or put an export back first with `sipstream import`")
-            elif err.fatal() or not err.retriable():
-                raise KafkaException(err)
-        return got
-
-    def get(self, partition: int, offset: int) -> Any:
-        if partition not in self.consumers or offset <= self.last.get(partition, -1):
-            self._open(partition, offset)
-        buffer = self.buffers[partition]
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            while buffer and buffer[0].offset() < offset:
-                buffer.popleft()
-                self.fresh[partition] = False
-            if buffer:
-                msg = buffer.popleft()
-                if msg.offset() > offset:
-                    if self.fresh[partition]:
-                        raise retention_error(self.topic, partition, offset, msg.offset())
-                    raise UserError(f"{self.topic} partition {partition}: the recorded record at offset {offset} is "
-                                    f"gone (the next one is {msg.offset()}; was the topic compacted?); replay from an "
-                                    "export (`sipstream import`)")
-                self.fresh[partition] = False
-                self.last[partition] = offset
-                return msg
-            if not self._fill(partition) and time.monotonic() > deadline:
-                raise UserError(f"{self.topic} partition {partition}: no record at offset {offset} within "
-                                f"{self.timeout_s:.0f}s; the topic ends before the recorded range (was it deleted and "
-                                "recreated?); replay from an export (`sipstream import`)")
-
-    def read_range(self, partition: int, start: int, end: int) -> list[Any]:
-        """Every record of [start, end) (gaps, e.g. from compaction, are allowed after the first record)."""
-        out = []
-        if end <= start:
-            return out
-        self._open(partition, start)
-        first = self.get(partition, start)
-        out.append(first)
-        buffer = self.buffers[partition]
-        deadline = time.monotonic() + self.timeout_s
-        while out[-1].offset() < end - 1:
-            if buffer:
-                msg = buffer.popleft()
-                if msg.offset() >= end:
-                    break
-                out.append(msg)
-                deadline = time.monotonic() + self.timeout_s
-            elif not self._fill(partition) and time.monotonic() > deadline:
-                raise UserError(f"{self.topic} partition {partition}: only {len(out)} records of the recorded range "
-                                f"{start}..{end - 1} arrived within {self.timeout_s:.0f}s; the topic lost records")
-        self.last[partition] = out[-1].offset()
-        return out
-
-    def close(self) -> None:
-        for consumer in self.consumers.values():
-            consumer.close()
-        self.consumers.clear()
-
-
 # --------------------------------------------------------------------------- the learner, replayed
 
 
 def _replay_reader_class() -> type:
-    from sipstream.learner.loop import PairReader
 
     class ReplayPairReader(PairReader):
         """A `PairReader` whose records come from a recorded (partition, offset) sequence.
@@ -281,9 +100,7 @@ def _replay_reader_class() -> type:
 
         def __init__(self, cfg: Any, bootstrap: str, positions: dict[int, int], instance_id: str, log: Any, *,
                      source_topic: str, sequence: Sequence[tuple[int, int]], fetcher: RecordFetcher) -> None:
-            from confluent_kafka import Producer
 
-            from sipstream.bus.client import producer_config
 
             self.cfg, self.log, self.instance_id = cfg, log, instance_id
             self.specs = T.load_specs(T.topics_dir(cfg.bus))
@@ -313,37 +130,6 @@ def _replay_reader_class() -> type:
                 self.fetcher.close()
 
     return ReplayPairReader
-
-
-def stamp() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.urandom(2).hex()}"
-
-
-def apply_sets(cfg: Any, overrides: Sequence[str]) -> Any:
-    """`section.field=value` strings on top of a config (validated)."""
-    from sipstream.config import _parse_scalar, _set_path, merged
-
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set expects section.field=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), _parse_scalar(raw))
-    return merged(cfg, **tree) if tree else cfg
-
-
-def recorded_config(data: dict[str, Any], where: Path) -> Any:
-    from pydantic import ValidationError
-
-    from sipstream.config import Config
-
-    try:
-        return Config.model_validate(data["config"])
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UserError(f"the config recorded in {where} no longer validates ({'.'.join(map(str, first['loc']))}: "
-                        f"{first['msg']}); fix it with --set or replay with the sipstream version that wrote it "
-                        f"({data.get('code', {}).get('git_describe') or data.get('code', {}).get('package')})") from None
 
 
 @dataclass
@@ -412,13 +198,12 @@ class _Source:
 
 
 def _learner_source(run: str | Path | None, from_offsets: str | None, config: Any, bootstrap: str | None) -> _Source:
-    from sipstream.learner.consumption import iter_records, read_log
 
     if run is not None:
         given_dir, given = M.load_manifest(run)
         archive = archived(given_dir, given)
         run_dir, data = M.learner_manifest(given_dir, given)
-        threads = _pipeline_of(run_dir, data)[1].get("threads", {}).get("learner")
+        threads = pipeline_of(run_dir, data)[1].get("threads", {}).get("learner")
         cfg = recorded_config(data, run_dir)
         if from_offsets is None:
             log_info = data["learner"]["consumption_log"]
@@ -434,7 +219,6 @@ def _learner_source(run: str | Path | None, from_offsets: str | None, config: An
     if from_offsets is None or config is None:
         raise UserError("replay learner needs --run RUN_DIR, or --from-offsets with the config that names the bus "
                         "and the initial policy (--config)")
-    from sipstream.bus.embedded import resolve_bootstrap
 
     return _Source(config, offsets_sequence(parse_offsets(from_offsets)), config.bus.topic(T.PAIRS),
                    bootstrap or resolve_bootstrap(config), config.learner.algo, None, None)
@@ -456,7 +240,6 @@ def replay_learner(run: str | Path | None = None, *, bootstrap: str | None = Non
 def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | None, algo: str | None,
                     overrides: Sequence[str], out_dir: str | Path | None, handle_signals: bool,
                     from_offsets: str | None, config: Any) -> LearnerReplay:
-    from sipstream.learner.loop import run_learner
 
     src = _learner_source(run, from_offsets, config, bootstrap)
     cfg, sequence, source_topic = src.cfg, src.sequence, src.source_topic
@@ -473,7 +256,6 @@ def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | N
         lcfg["algo"] = algo
         if algo != "dpo":  # DPO-only knobs have no meaning for the other losses
             lcfg |= {"nll_mix": 0.0, "reference_refresh_every": None}
-    from sipstream.config import merged
 
     default_parent = run_dir.parent if run_dir is not None else Path(cfg.run_dir)
     replay_cfg = merged(
@@ -482,12 +264,11 @@ def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | N
              "group_prefix": f"{cfg.bus.group_prefix}.replay-{tag}"},
         learner=lcfg,
     )
-    replay_cfg = apply_sets(replay_cfg, overrides)
+    replay_cfg = apply_overrides(replay_cfg, overrides)
     same_policy = replay_cfg.models.policy.model_dump(mode="json") == cfg.models.policy.model_dump(mode="json")
 
     if src.archive is not None:
         # The recorded pairs back on a bus, under the replay's prefix; the recorded offsets translated.
-        from sipstream.export import translate_offset, put_back
 
         pairs_map = put_back(str(src.archive), replay_cfg, bootstrap, [T.PAIRS])[T.PAIRS]
         sequence = [(p, translate_offset(pairs_map, T.PAIRS, p, o)) for p, o in sequence]
@@ -495,7 +276,7 @@ def _replay_learner(stack: ExitStack, run: str | Path | None, bootstrap: str | N
 
     specs = T.load_specs(T.topics_dir(replay_cfg.bus))
     # Fail before training when the topic, or the recorded range, is no longer on the broker.
-    require_topics(replay_cfg.bus, bootstrap, {source_topic: sorted({p for p, _ in sequence})}, _LIVE_RUN_HINT)
+    require_topics(replay_cfg.bus, bootstrap, {source_topic: sorted({p for p, _ in sequence})}, LIVE_RUN_HINT)
     probe = RecordFetcher(replay_cfg.bus, bootstrap, source_topic)
     try:
         firsts: dict[int, int] = {}
@@ -568,7 +349,7 @@ def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, ov
     there with its own consumer group, and the replay's manifest records the output range. `overrides`
     (`section.field=value`) change the stage, e.g. another judge model. A run whose in-memory broker
     is gone replays from its archive, on `bootstrap` or on an embedded broker started for the replay."""
-    stage_cls = M.stage_class(name)  # an unknown name fails before anything is read
+    stage_cls = stage_class(name)  # an unknown name fails before anything is read
     run_dir, data = M.load_manifest(run)
     cfg = recorded_config(data, run_dir)
     recorded = data.get("topics", {})
@@ -583,7 +364,7 @@ def replay_stage(name: str, run: str | Path, *, bootstrap: str | None = None, ov
             bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
             require_topics(cfg.bus, bootstrap,
                            {recorded[t]["live_name"]: [int(p) for p in recorded[t]["partitions"]] for t in inputs},
-                           _LIVE_RUN_HINT)
+                           LIVE_RUN_HINT)
             embedded = False
         else:
             check_archive(archive, inputs, run_dir)
@@ -596,17 +377,11 @@ def _replay_stage(name: str, run_dir: Path, data: dict[str, Any], cfg: Any, inpu
                   archive: Path | None, embedded: bool, overrides: Sequence[str], out_dir: str | Path | None,
                   timeout_s: float) -> StageReplay:
     """`replay_stage` once its input is known to be readable: from the live topics, or from `archive`."""
-    from confluent_kafka import Producer
 
-    from sipstream.bus.client import producer_config
-    from sipstream.bus.runner import StageRunner
-    from sipstream.config import merged
-    from sipstream.export import ARCHIVE_DIR, export_topic, put_back
-    from sipstream.stages import build_stage
 
     tag = stamp()
     prefix = f"replay-{tag}.{cfg.bus.topic_prefix}"
-    replay_cfg = apply_sets(merged(
+    replay_cfg = apply_overrides(merged(
         cfg, run_name=f"{cfg.run_name}-replay-{name}-{tag}", run_dir=str(Path(out_dir) if out_dir else run_dir.parent),
         bus={"bootstrap_servers": bootstrap, "topic_prefix": prefix, "group_prefix": f"{cfg.bus.group_prefix}.replay-{tag}"},
     ), overrides)

@@ -31,10 +31,18 @@ from sipstream.bus.client import client_settings
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config, secrets_env
 from sipstream.errors import UserError
-from sipstream.export import ARCHIVE_DIR, export_topic
-from sipstream.lifeline import SUPERVISOR_ENV, terminate_as_interrupt
-from sipstream.logs import get_logger
-from sipstream.manifest import pipeline_manifest, topic_positions
+from sipstream.ops.ingest import (
+    BUILTIN_CORPUS,
+    Rejected,
+    iter_documents,
+    produce_documents,
+)
+from sipstream.ops.lifeline import SUPERVISOR_ENV, terminate_as_interrupt
+from sipstream.ops.manifest import pipeline_manifest
+from sipstream.replay.export import export_topic
+from sipstream.replay.source import ARCHIVE_DIR
+from sipstream.runs.manifest import topic_positions
+from sipstream.telemetry.logs import get_logger
 
 # The stages `sipstream run` starts, in pipeline order, and the topic whose records mark an item done.
 PIPELINE: tuple[str, ...] = ("split", "rewrite", "rollout", "judge", "assemble")
@@ -219,7 +227,6 @@ def new_run_dir(cfg: Config) -> Path:
 
 def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[str] | None = None) -> LocalRunResult:
     """Run the loop until every ingested document's items reached `sip.pairs` (or dead letters)."""
-    from sipstream.ingest import BUILTIN_CORPUS, Rejected, iter_documents, produce_documents
 
     log = get_logger(component="run")
     process_groups(cfg)  # a bad local.colocate fails before anything starts

@@ -9,6 +9,7 @@ rerun or replay redoes at most the batches in flight.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -25,7 +26,6 @@ def die_with_supervisor() -> bool:
     expected = os.environ.get(SUPERVISOR_ENV)
     if not expected or not sys.platform.startswith("linux"):
         return False
-    import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)

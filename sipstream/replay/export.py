@@ -22,17 +22,22 @@ on that directory replays on the new cluster.
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-from sipstream import manifest as M
-from sipstream.bus import topics as T
-from sipstream.errors import UserError
-from sipstream.learner.consumption import LOG_NAME, read_log
+from confluent_kafka import Producer
 
-EXPORT_NAME = "export.json"
-ARCHIVE_DIR = "export"  # where `sipstream run` exports the topics of an in-memory broker, in its run directory
+from sipstream.bus import topics as T
+from sipstream.bus.client import producer_config
+from sipstream.bus.embedded import resolve_bootstrap
+from sipstream.bus.fetch import RecordFetcher, require_topics
+from sipstream.errors import UserError
+from sipstream.replay.source import ARCHIVE_DIR, EXPORT_NAME, recorded_config, stamp
+from sipstream.runs import manifest as M
+from sipstream.runs.consumption import LOG_NAME, read_log
+
 Format = Literal["jsonl", "parquet"]
 
 
@@ -94,7 +99,6 @@ def _decode_jsonl(data: bytes) -> list[dict[str, Any]]:
 
 
 def _encode_parquet(rows: list[dict[str, Any]]) -> bytes:
-    import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -112,7 +116,6 @@ def _encode_parquet(rows: list[dict[str, Any]]) -> bytes:
 
 
 def _decode_parquet(data: bytes) -> list[dict[str, Any]]:
-    import io
 
     import pyarrow.parquet as pq
 
@@ -128,7 +131,6 @@ def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl",
 
     The broker is checked first (reachable, holding the topic and its partitions): a failed export
     leaves no `<to>/<topic>/` folder behind."""
-    from sipstream.replay import RecordFetcher, recorded_config, require_topics
 
     if fmt not in ("jsonl", "parquet"):
         raise UserError(f"--format must be jsonl or parquet, not {fmt!r}")
@@ -227,9 +229,7 @@ def read_export(source: str) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
 def put_back(source: str, cfg: Any, bootstrap: str, topics: list[str] | None = None) -> dict[str, dict[int, dict[int, int]]]:
     """Produce an export's records (all its topics, or `topics`) onto `bootstrap` under `cfg.bus.topic_prefix`,
     each to the partition it came from, in offset order; returns {topic: {partition: {old offset: new}}}."""
-    from confluent_kafka import Producer
 
-    from sipstream.bus.client import producer_config
 
     fs, root, index, _ = read_export(source)
     wanted = sorted(index["topics"]) if topics is None else list(topics)
@@ -284,13 +284,11 @@ def import_export(source: str, cfg: Any, bootstrap: str | None = None, *, run_di
     that directory. The export is read before the broker is looked for."""
     fs, root, _, data = read_export(source)
     if bootstrap is None:
-        from sipstream.bus.embedded import resolve_bootstrap
 
         bootstrap = resolve_bootstrap(cfg)
     maps = put_back(source, cfg, bootstrap)
 
     # A replayable run on the new cluster: the manifest and consumption log, offsets translated.
-    from sipstream.replay import stamp
 
     out = Path(run_dir) if run_dir else Path(cfg.run_dir) / f"{data['run_name']}-import-{stamp()}"
     imported = {"from": source, "at": M.now(), "original_bus": data.get("bus"),

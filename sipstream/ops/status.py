@@ -20,8 +20,10 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from sipstream.bus import topics as T
-from sipstream.bus.client import client_settings
+from sipstream.bus.client import admin_config, client_settings
 from sipstream.bus.lag import PIPELINE_STAGES, STAGE_INPUTS, CommittedOffsets, group_lag
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config
@@ -139,7 +141,6 @@ class StatusWatcher:
     """Follows the topics of one run (its `bus.topic_prefix`) and builds snapshots."""
 
     def __init__(self, cfg: Config, bootstrap: str) -> None:
-        from sipstream.bus.client import admin_config
 
         self.cfg = cfg
         self.bootstrap = bootstrap
@@ -318,7 +319,6 @@ def run_status(cfg: Config, bootstrap: str, *, as_json: bool = False, once: bool
 
     console = console or Console()
     stale_after_s = 3 * cfg.runner.metrics_interval_s + interval_s  # a few missed metrics records
-    from confluent_kafka import KafkaException
 
     def poll_or_fail(wait_s: float = 0.05) -> None:
         try:

@@ -16,6 +16,7 @@ from sipstream.bus.runner import RunnerStats, StageRunner
 from sipstream.config import Config
 from sipstream.errors import UserError
 from sipstream.stages import STAGES, build_stage
+from sipstream.stages.models import serialise_shared_models
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -66,7 +67,6 @@ def run_stages(
     A health port other than 0 is shared out as port, port+1, ... in the order given. If one runner
     fails, the others are stopped and the error is raised (the process exits non-zero, so a supervisor
     restarts the group)."""
-    from sipstream.stages.models import serialise_shared_models
 
     serialise_shared_models()
     bootstrap = resolve_bootstrap(cfg)

@@ -1,0 +1,1 @@
+"""The paper's comparison (pretrain vs nll vs dpo arms) as one command."""

@@ -1,0 +1,1 @@
+"""Running the engine: the local supervisor, workers, ingest and status."""

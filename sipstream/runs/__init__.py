@@ -1,0 +1,1 @@
+"""What a run records: its manifest and the learner's consumption log (read by replay)."""

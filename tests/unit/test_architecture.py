@@ -1,0 +1,105 @@
+"""The package's layers, as docs/architecture.md draws them: no import cycle, no upward import.
+
+Reads every module's imports statically (top level and inside functions alike), so a deferred import
+cannot hide a tie that the layering forbids."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import sipstream
+
+PACKAGE = Path(sipstream.__file__).parent
+
+#: Lowest first. A module may import its own layer and the layers below it, never one above.
+LAYERS: list[tuple[str, ...]] = [
+    ("sipstream", "sipstream.errors", "sipstream.config", "sipstream.data"),
+    ("sipstream.telemetry",),
+    ("sipstream.bus",),
+    ("sipstream.runs",),
+    ("sipstream.models",),
+    ("sipstream.stages",),
+    ("sipstream.learner",),
+    ("sipstream.replay",),
+    ("sipstream.eval",),
+    ("sipstream.ops",),
+    ("sipstream.experiment",),
+    ("sipstream.report",),
+    ("sipstream.cli", "sipstream.__main__"),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every sipstream module `path` imports (`from a import b` counts `a.b` when that is a module)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("sipstream"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sipstream") and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def layer_of(name: str) -> int:
+    best, rank = -1, 0
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > rank:
+                best, rank = index, len(prefix)
+    assert best >= 0, f"{name} belongs to no layer: add its package to LAYERS and docs/architecture.md"
+    return best
+
+
+def test_every_module_has_a_layer_and_imports_none_above_it() -> None:
+    upward = [f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+              for a, targets in graph().items() for b in sorted(targets)
+              # a package's __init__ may name its own submodules
+              if layer_of(b) > layer_of(a) and not b.startswith(a + ".")]
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_no_import_cycle() -> None:
+    edges = graph()
+    # A package __init__ that re-exports its submodules is not a cycle with them.
+    edges = {a: {b for b in targets if not a.startswith(b + ".") and not b.startswith(a + ".")}
+             for a, targets in edges.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_checks_see_a_forbidden_import(tmp_path: Path) -> None:
+    """The reader finds imports at every depth, so the two checks above can fail."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from sipstream.cli import main\n    import sipstream.ops.local\n", encoding="utf-8")
+    assert imports_of(module) >= {"sipstream.cli", "sipstream.cli.main", "sipstream.ops.local"}
+    assert layer_of("sipstream.cli") > layer_of("sipstream.bus.runner")
