@@ -9,6 +9,7 @@ class creation to compute `__required_keys__` correctly on Python 3.11.
 """
 
 
+from collections.abc import Mapping
 from typing import Any, Literal, NotRequired, TypedDict
 
 CandidateKind = Literal["original", "rewrite", "rollout"]
@@ -87,6 +88,31 @@ class WeightsAnnouncement(TypedDict):
     step: int
     created_at: str
     algo: NotRequired[str]
+
+
+def weights_announcement(*, run_name: str, version: int, uri: str, sha256: str, step: int, created_at: str,
+                         algo: str | None = None) -> WeightsAnnouncement:
+    """The one builder of a `sip.weights` record (the learner publishes with it)."""
+    record = WeightsAnnouncement(run_name=run_name, version=version, uri=uri, sha256=sha256, step=step,
+                                 created_at=created_at)
+    if algo is not None:
+        record["algo"] = algo
+    return record
+
+
+def parse_weights_announcement(value: Mapping[str, Any]) -> WeightsAnnouncement:
+    """The one parser of a `sip.weights` record (rollout workers and the supervisor read with it).
+
+    Checks the fields a reader relies on, by type, so a record that slipped past schema validation (a
+    hand-written one, an older producer) fails here with a `ValueError` naming the field."""
+    types = {"run_name": str, "version": int, "uri": str, "sha256": str, "step": int, "created_at": str}
+    for key, kind in types.items():
+        if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool):
+            raise ValueError(f"sip.weights record: {key} must be {kind.__name__}, got {value.get(key)!r}")
+    algo = value.get("algo")
+    if algo is not None and not isinstance(algo, str):
+        raise ValueError(f"sip.weights record: algo must be str, got {algo!r}")
+    return weights_announcement(**{k: value[k] for k in types}, algo=algo)
 
 
 class Metrics(TypedDict):

@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sipstream.bus import topics as T
 from sipstream.bus.client import consumer_config, producer_config, usable_messages
 from sipstream.bus.deadletter import deadletter_from_message
+from sipstream.bus.decode import Rejected, decode_record
 from sipstream.config import Config
 from sipstream.errors import BrokerError, UserError
 from sipstream.telemetry.health import start_health_server
@@ -78,12 +79,6 @@ class Stage:
 
     def close(self) -> None:
         """Release models and files."""
-
-
-@dataclass
-class _Failure:
-    error: str  # class, one of the sip.deadletter `error` enum values
-    reason: str
 
 
 class DeliveryError(BrokerError):
@@ -211,7 +206,7 @@ class StageRunner:
         sources: list[Any] = []
         for msg in records:
             decoded = self._decode(msg)
-            if isinstance(decoded, _Failure):
+            if isinstance(decoded, Rejected):
                 self._deadletter(msg, decoded)
             else:
                 items.append(decoded)
@@ -220,7 +215,7 @@ class StageRunner:
         t0 = time.perf_counter()
         produced = 0
         for msg, item, outcome in zip(sources, items, self._process(items, sources), strict=True):
-            if isinstance(outcome, _Failure):
+            if isinstance(outcome, Rejected):
                 self._deadletter(msg, outcome, item)
                 continue
             bad = self._check_outputs(outcome)
@@ -251,7 +246,7 @@ class StageRunner:
         self._observe_stage()
         self.log.debug("batch committed", records=len(records), produced=produced, **self._policy_version())
 
-    def _process(self, items: list[Item], sources: list[Any]) -> list[list[Item] | _Failure]:
+    def _process(self, items: list[Item], sources: list[Any]) -> list[list[Item] | Rejected]:
         """Run the stage on a batch; if the batch call fails, isolate the failing items one by one."""
         if not items:
             return []
@@ -264,7 +259,7 @@ class StageRunner:
             if len(items) > 1:
                 self.log.warning("batch failed, retrying items one by one", error=repr(exc)[:300], items=len(items),
                                  **self._policy_version())
-            results: list[list[Item] | _Failure] = []
+            results: list[list[Item] | Rejected] = []
             for item, msg in zip(items, sources, strict=True):
                 # Whatever the stage logs while handling this one item names it.
                 with structlog.contextvars.bound_contextvars(**record_fields(msg, item)):
@@ -272,7 +267,7 @@ class StageRunner:
                         results.append(self.stage.process_batch([item])[0])
                     except Exception as item_exc:  # noqa: BLE001
                         self.metrics.inc("sipstream_processing_errors_total")
-                        results.append(_Failure("process", f"{type(item_exc).__name__}: {item_exc}"[:2000]))
+                        results.append(Rejected("process", f"{type(item_exc).__name__}: {item_exc}"[:2000]))
             return results
 
     # ------------------------------------------------------------------ helpers
@@ -296,41 +291,18 @@ class StageRunner:
                 continue
             self.stage.on_control(topic, value)
 
-    def _decode(self, msg: Any) -> Item | _Failure:
-        raw = msg.value()
-        if raw is None:
-            return _Failure("bad_json", "empty value (tombstone)")
-        if len(raw) > self.cfg.runner.max_record_bytes:
-            return _Failure("too_large", f"value has {len(raw)} bytes, limit runner.max_record_bytes={self.cfg.runner.max_record_bytes}")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return _Failure("bad_encoding", f"value is not UTF-8: {exc}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return _Failure("bad_json", f"value is not JSON: {exc}")
-        if "\\u" in text:
-            # An escaped lone surrogate ("\ud800") is valid JSON but no text: passed on, it would fail our
-            # own produce (UTF-8) after the batch was processed and crash the worker on every re-delivery.
-            try:
-                T.encode_value(value)
-            except UnicodeEncodeError as exc:
-                return _Failure("bad_encoding", f"value holds an escaped lone surrogate, which is not text: {exc}")
-        errors = self.input_spec.errors(value)
-        if errors:
-            return _Failure("schema", f"violates {self.input_spec.name} schema: " + "; ".join(errors[:5]))
-        return value
+    def _decode(self, msg: Any) -> Item | Rejected:
+        return decode_record(msg.value(), self.input_spec, self.cfg.runner.max_record_bytes)
 
-    def _check_outputs(self, outputs: list[Item]) -> _Failure | None:
+    def _check_outputs(self, outputs: list[Item]) -> Rejected | None:
         if not isinstance(outputs, list):
-            return _Failure("bad_output", f"stage returned {type(outputs).__name__}, expected a list of items")
+            return Rejected("bad_output", f"stage returned {type(outputs).__name__}, expected a list of items")
         if outputs and self.output_spec is None:
-            return _Failure("bad_output", "stage has no output topic but returned items")
+            return Rejected("bad_output", "stage has no output topic but returned items")
         for out in outputs:
             errors = self.output_spec.errors(out) if self.output_spec else []
             if errors:
-                return _Failure("bad_output", f"output violates {self.output_spec.name} schema: " + "; ".join(errors[:5]))  # type: ignore[union-attr]
+                return Rejected("bad_output", f"output violates {self.output_spec.name} schema: " + "; ".join(errors[:5]))  # type: ignore[union-attr]
         return None
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
@@ -348,7 +320,7 @@ class StageRunner:
             on_delivery=self._on_delivery,
         )
 
-    def _deadletter(self, msg: Any, failure: _Failure, item: Item | None = None) -> None:
+    def _deadletter(self, msg: Any, failure: Rejected, item: Item | None = None) -> None:
         record = deadletter_from_message(msg, stage=self.stage.name, instance=self.instance_id, error=failure.error,
                                          reason=failure.reason, limit=self.cfg.runner.deadletter_max_value_bytes)
         self._produce(T.DEADLETTER, record)
