@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
+from sipstream.config import Config, load_config
+
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
-# Fields the manifests set that sipstream/config/__init__.py must define (runner.health_port, runner.health_host).
-HEALTH_VARS = ("SIPSTREAM_RUNNER__HEALTH_PORT", "SIPSTREAM_RUNNER__HEALTH_HOST")
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -68,20 +68,11 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def _health_wired() -> bool:
-    from sipstream.config import RunnerConfig
-
-    return "health_port" in RunnerConfig.model_fields and "health_host" in RunnerConfig.model_fields
-
-
-def check_sipstream_env(env: Mapping[str, str], config_path: Path | None) -> None:
-    """Load the real config with this environment; raises ConfigError naming any bad field."""
-    from sipstream.config import load_config
-
+def check_sipstream_env(env: Mapping[str, str], config_path: Path | None) -> Config:
+    """Load the real config with every SIPSTREAM_* variable of this environment (none dropped); raises
+    ConfigError naming any bad field, else returns the config."""
     sip = {k: str(v) for k, v in env.items() if k.startswith("SIPSTREAM_") and k not in ("SIPSTREAM_CONFIG",)}
-    if not _health_wired():
-        sip = {k: v for k, v in sip.items() if k not in HEALTH_VARS}
-    load_config(config_path, env=sip)
+    return load_config(config_path, env=sip)
 
 
 @pytest.fixture
@@ -95,13 +86,8 @@ def interp() -> Callable[[str, Mapping[str, str]], str]:
 
 
 @pytest.fixture
-def check_env() -> Callable[[Mapping[str, str], Path | None], None]:
+def check_env() -> Callable[[Mapping[str, str], Path | None], Config]:
     return check_sipstream_env
-
-
-@pytest.fixture
-def health_wired() -> bool:
-    return _health_wired()
 
 
 def load_compose_file(path: Path, env: Mapping[str, str]) -> dict[str, Any]:

@@ -105,9 +105,14 @@ def test_gpu_override_environment_is_a_valid_config(load_compose, compose_env, c
     check_env({**base, **gpu["environment"]}, ROOT / "configs" / "smoke.yaml")
 
 
-def test_health_vars_are_wired_into_the_config(health_wired: bool) -> None:
-    if not health_wired:
-        pytest.skip("runner.health_port/health_host are not config fields yet: the manifests' health vars are not validated")
+@pytest.mark.parametrize("service", sorted(STAGES))
+def test_health_vars_are_wired_into_the_config(service: str, services: dict, check_env) -> None:
+    env = services[service]["environment"]
+    port, host = env.get("SIPSTREAM_RUNNER__HEALTH_PORT"), env.get("SIPSTREAM_RUNNER__HEALTH_HOST")
+    assert port and host, f"{service}: no health server address (Prometheus scrapes it, the healthcheck probes it)"
+    config = Path(env["SIPSTREAM_CONFIG"].replace("/app/", str(ROOT) + "/", 1))
+    runner = check_env(env, config).runner
+    assert (runner.health_port, runner.health_host) == (int(port), host), f"{service}: the config did not take the health vars"
 
 
 def test_prometheus_scrapes_every_model_stage(services: dict) -> None:

@@ -222,11 +222,13 @@ def test_s3_credentials_come_from_a_secret_never_a_literal(resources: list[dict]
     assert "create secret generic sipstream-s3" in readme  # how the Secret comes to exist
 
 
-def test_workers_have_probes_on_their_health_port(resources: list[dict]) -> None:
+def test_workers_have_probes_on_their_health_port(resources: list[dict], check_env) -> None:
     for stage in STAGES:
         container = _container(_workloads(resources)[stage])
         port = int(_env(container)["SIPSTREAM_RUNNER__HEALTH_PORT"])
         assert _env(container)["SIPSTREAM_RUNNER__HEALTH_HOST"] == "0.0.0.0"  # the kubelet probes the pod IP
+        runner = check_env(_env(container), K8S / "sipstream.yaml").runner
+        assert (runner.health_port, runner.health_host) == (port, "0.0.0.0"), f"{stage}: the config did not take the health vars"
         assert {"name": "http", "containerPort": port} in container["ports"]
         assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
