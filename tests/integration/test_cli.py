@@ -58,6 +58,22 @@ def test_user_errors_are_one_line_without_traceback(args: list[str], env: dict, 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [(b"\x00\x01\x02\xff\xfe binary \x89PNG\r\n", "binary"),
+     ("run_name: caf\u00e9\n".encode("latin-1"), "latin-1")],
+    ids=["binary", "latin-1"],
+)
+def test_a_config_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path, content: bytes, what: str) -> None:
+    path = tmp_path / f"{what}.yaml"
+    path.write_bytes(content)
+    result = sipstream("config", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"config file {path} is not UTF-8 text" in result.stderr
+
+
 def test_config_show_prints_the_resolved_config() -> None:
     result = sipstream("config", "--set", "rollout.rollouts=16", env={"SIPSTREAM_RUNNER__BATCH_SIZE": "3"})
     assert result.returncode == 0, result.stderr
