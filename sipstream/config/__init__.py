@@ -265,6 +265,18 @@ def env_reference(value: Any) -> str | None:
     return match.group(1) if match else None
 
 
+def _is_literal_credential(key: str, value: Any) -> bool:
+    """Whether `value`, under `key`, is itself a credential: a secret-looking key holding something other
+    than nothing, a flag or an `${NAME}` reference (which points at the secret, it does not hold it)."""
+    if not key or not is_secret_key(key):
+        return False
+    return value not in (None, "") and not isinstance(value, bool) and env_reference(value) is None
+
+
+def _has_url_password(value: Any) -> bool:
+    return isinstance(value, str) and _URL_USERINFO.search(value) is not None
+
+
 def redact(data: Any, key: str = "") -> Any:
     """A copy of a dumped config with credentials replaced by `<redacted>`: values under secret-looking keys
     (an `${NAME}` reference stays, it holds no secret) and the password of any URL."""
@@ -272,7 +284,7 @@ def redact(data: Any, key: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [redact(v, key) for v in data]
-    if key and is_secret_key(key) and data not in (None, "") and not isinstance(data, bool) and env_reference(data) is None:
+    if _is_literal_credential(key, data):
         return REDACTED
     if isinstance(data, str) and "://" in data:
         return _URL_USERINFO.sub(REDACTED + "@", data)
@@ -290,7 +302,7 @@ def secret_values(data: Any) -> Any:
             inner = secret_values(v)
             if inner:
                 out[k] = inner
-        elif is_secret_key(str(k)) and v not in (None, "") and not isinstance(v, bool) and env_reference(v) is None or isinstance(v, str) and _URL_USERINFO.search(v):
+        elif _is_literal_credential(str(k), v) or _has_url_password(v):
             out[k] = v
     return out
 

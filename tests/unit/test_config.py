@@ -136,3 +136,33 @@ def test_the_learner_alone_gets_the_malloc_threshold() -> None:
     cfg = load_config(env={})
     assert learner_env(cfg, {"A": "1"}) == {"A": "1", "MALLOC_MMAP_THRESHOLD_": "4194304"}  # configs/tiny.yaml
     assert learner_env(merged(cfg, local={"learner_malloc_mmap_threshold": None}), {"A": "1"}) == {"A": "1"}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "kept"),
+    [
+        ("sasl.password", "hunter2", True),  # a literal credential under a secret key
+        ("ssl.key.password", 1234, True),  # any non-empty non-flag value counts
+        ("sasl.password", "${KAFKA_PASSWORD}", False),  # a reference to the environment holds no secret
+        ("sasl.password", None, False),
+        ("sasl.password", "", False),
+        ("sasl.password", True, False),  # a flag, not a credential
+        ("endpoint_url", "s3://key:secret@bucket/x", True),  # a URL's password, whatever the key
+        ("sasl.password", "https://user:pass@host", True),  # both reasons at once
+        ("endpoint_url", "s3://bucket/x", False),
+        ("endpoint_url", 42, False),
+        ("suffix_tokens", 128, False),  # `tokens` is not a secret word
+        ("api_key_env", "OPENAI_API_KEY", False),  # names a variable; does not hold the key
+        ("api_key", "sk-123", True),
+    ],
+)
+def test_secret_values_keeps_exactly_the_literal_credentials(key: str, value: object, kept: bool) -> None:
+    from sipstream.config import REDACTED, redact, secret_values
+
+    dump = {"bus": {"client": {key: value, "security.protocol": "SASL_SSL"}}}
+    assert secret_values(dump) == ({"bus": {"client": {key: value}}} if kept else {})
+    # `redact` hides what `secret_values` keeps (a URL keeps its host; only its password goes).
+    redacted = redact(dump)["bus"]["client"][key]
+    assert (redacted != value) == kept
+    if kept and not (isinstance(value, str) and "://" in value):
+        assert redacted == REDACTED
