@@ -20,9 +20,11 @@ Tansu broker) is reported without hiding the others. The caller decides the exit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from confluent_kafka import KafkaError
 from confluent_kafka.admin import (
     AlterConfigOpType,
     ConfigEntry,
@@ -93,6 +95,15 @@ def _live_configs(admin, live_name: str, timeout: float) -> dict[str, str] | Non
     return {k: str(v.value) for k, v in entries.items() if v.value is not None}
 
 
+@dataclass
+class _Plan:
+    """The admin requests a sync would make, each paired with the action it reports on."""
+
+    create: list[tuple[NewTopic, SyncAction]] = field(default_factory=list)
+    grow: list[tuple[NewPartitions, SyncAction]] = field(default_factory=list)
+    alter: list[tuple[ConfigResource, SyncAction]] = field(default_factory=list)
+
+
 def sync_topics(
     bus: BusConfig, bootstrap: str, specs: dict[str, TopicSpec], apply: bool, timeout: float = 30.0
 ) -> SyncReport:
@@ -101,103 +112,121 @@ def sync_topics(
     admin = _admin(bus, bootstrap)
     metadata = admin.list_topics(timeout=timeout).topics
     report = SyncReport(apply=apply)
-    to_create: list[tuple[NewTopic, SyncAction]] = []
-    to_grow: list[tuple[NewPartitions, SyncAction]] = []
-    to_alter: list[tuple[ConfigResource, SyncAction]] = []
-
+    plan = _Plan()
     for spec in specs.values():
         live_name = bus.topic(spec.name)
         meta = metadata.get(live_name)
-        if meta is None:
-            action = SyncAction(
-                live_name, "create",
-                f"partitions={spec.partitions} replication={spec.replication_factor} "
-                + " ".join(f"{k}={v}" for k, v in spec.topic_configs().items()),
-                "planned",
-            )
-            report.actions.append(action)
-            to_create.append((NewTopic(live_name, num_partitions=spec.partitions,
-                                       replication_factor=spec.replication_factor, config=spec.topic_configs()), action))
-            continue
-
         before = len(report.actions)
-        live_partitions = len(meta.partitions)
-        if live_partitions < spec.partitions:
-            action = SyncAction(
-                live_name, "add_partitions",
-                f"{live_partitions} -> {spec.partitions} (new records of a key may land in another partition)",
-                "planned",
-            )
-            report.actions.append(action)
-            to_grow.append((NewPartitions(live_name, spec.partitions), action))
-        elif live_partitions > spec.partitions:
-            report.actions.append(SyncAction(
-                live_name, "keep_partitions",
-                f"live {live_partitions} > spec {spec.partitions}: partitions are never removed; raise the spec to match",
-                "refused",
-            ))
-
-        if spec.replication_factor != -1 and meta.partitions:
-            live_rf = min(len(p.replicas) for p in meta.partitions.values())
-            if live_rf != spec.replication_factor:
-                report.actions.append(SyncAction(
-                    live_name, "replication",
-                    f"live {live_rf}, spec {spec.replication_factor}: needs a partition reassignment, not done by sync",
-                    "refused",
-                ))
-
-        live = _live_configs(admin, live_name, timeout)
-        if live is not None:
-            changes = {k: v for k, v in spec.topic_configs().items() if live.get(k) != str(v)}
-            if changes:
-                action = SyncAction(
-                    live_name, "set_config",
-                    " ".join(f"{k}: {live.get(k, '(unset)')} -> {v}" for k, v in changes.items()),
-                    "planned",
-                )
-                report.actions.append(action)
-                entries = [ConfigEntry(k, str(v), incremental_operation=AlterConfigOpType.SET) for k, v in changes.items()]
-                to_alter.append((ConfigResource(ResourceType.TOPIC, live_name, incremental_configs=entries), action))
-
-        if len(report.actions) == before:
-            report.in_sync.append(live_name)
-
-    if not apply:
-        return report
-
-    def settle(futures: dict, actions: dict) -> None:
-        for key, future in futures.items():
-            action = actions[key]
-            try:
-                future.result(timeout=timeout)
-                action.status = "done"
-            except Exception as exc:  # noqa: BLE001 - recorded on the action; the caller reports it
-                from confluent_kafka import KafkaError
-
-                err = exc.args[0] if exc.args else None
-                if action.kind == "create" and isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    action.status = "done"  # a concurrent creator won the race
-                    continue
-                action.status, action.error = "failed", _error_text(exc)
-
-    def submit(call, items: list) -> None:
-        if not items:
-            return
-        try:
-            futures = call([obj for obj, _ in items], request_timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - e.g. the broker lacks the API: fail these actions only
-            for _, action in items:
-                action.status, action.error = "failed", _error_text(exc)
-            return
-        by_key = {}
-        for obj, action in items:
-            by_key[obj if isinstance(obj, ConfigResource) else getattr(obj, "topic", None)] = action
-        settle(futures, by_key)
-
-    submit(admin.create_topics, to_create)
-    submit(admin.create_partitions, to_grow)
-    submit(admin.incremental_alter_configs, to_alter)
-    for action in report.actions:
-        if action.status == "planned":  # submitted, but the broker never answered for it
-            action.status, action.error = "failed", "no answer from the broker"
+        if meta is None:
+            _plan_create(spec, live_name, report, plan)
+        else:
+            _plan_partitions(spec, live_name, meta, report, plan)
+            _check_replication(spec, live_name, meta, report)
+            _plan_configs(spec, live_name, _live_configs(admin, live_name, timeout), report, plan)
+            if len(report.actions) == before:
+                report.in_sync.append(live_name)
+    if apply:
+        _submit(admin.create_topics, plan.create, timeout)
+        _submit(admin.create_partitions, plan.grow, timeout)
+        _submit(admin.incremental_alter_configs, plan.alter, timeout)
+        for action in report.actions:
+            if action.status == "planned":  # submitted, but the broker never answered for it
+                action.status, action.error = "failed", "no answer from the broker"
     return report
+
+
+# --------------------------------------------------------------------------- planning, one spec at a time
+
+
+def _plan_create(spec: TopicSpec, live_name: str, report: SyncReport, plan: _Plan) -> None:
+    configs = spec.topic_configs()
+    action = SyncAction(
+        live_name, "create",
+        f"partitions={spec.partitions} replication={spec.replication_factor} "
+        + " ".join(f"{k}={v}" for k, v in configs.items()),
+        "planned",
+    )
+    report.actions.append(action)
+    plan.create.append((NewTopic(live_name, num_partitions=spec.partitions,
+                                 replication_factor=spec.replication_factor, config=configs), action))
+
+
+def _plan_partitions(spec: TopicSpec, live_name: str, meta: Any, report: SyncReport, plan: _Plan) -> None:
+    """More partitions when the spec asks for more; fewer is refused (Kafka cannot remove partitions)."""
+    live_partitions = len(meta.partitions)
+    if live_partitions < spec.partitions:
+        action = SyncAction(
+            live_name, "add_partitions",
+            f"{live_partitions} -> {spec.partitions} (new records of a key may land in another partition)",
+            "planned",
+        )
+        report.actions.append(action)
+        plan.grow.append((NewPartitions(live_name, spec.partitions), action))
+    elif live_partitions > spec.partitions:
+        report.actions.append(SyncAction(
+            live_name, "keep_partitions",
+            f"live {live_partitions} > spec {spec.partitions}: partitions are never removed; raise the spec to match",
+            "refused",
+        ))
+
+
+def _check_replication(spec: TopicSpec, live_name: str, meta: Any, report: SyncReport) -> None:
+    """A different replication factor is reported only: changing it is a reassignment, an operator's call."""
+    if spec.replication_factor == -1 or not meta.partitions:
+        return
+    live_rf = min(len(p.replicas) for p in meta.partitions.values())
+    if live_rf != spec.replication_factor:
+        report.actions.append(SyncAction(
+            live_name, "replication",
+            f"live {live_rf}, spec {spec.replication_factor}: needs a partition reassignment, not done by sync",
+            "refused",
+        ))
+
+
+def _plan_configs(spec: TopicSpec, live_name: str, live: dict[str, str] | None, report: SyncReport,
+                  plan: _Plan) -> None:
+    """Set the configs the spec names that differ from the live ones (None: the broker would not say)."""
+    if live is None:
+        return
+    changes = {k: v for k, v in spec.topic_configs().items() if live.get(k) != str(v)}
+    if not changes:
+        return
+    action = SyncAction(
+        live_name, "set_config",
+        " ".join(f"{k}: {live.get(k, '(unset)')} -> {v}" for k, v in changes.items()),
+        "planned",
+    )
+    report.actions.append(action)
+    entries = [ConfigEntry(k, str(v), incremental_operation=AlterConfigOpType.SET) for k, v in changes.items()]
+    plan.alter.append((ConfigResource(ResourceType.TOPIC, live_name, incremental_configs=entries), action))
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def _submit(call: Callable[..., dict[Any, Any]], items: list[tuple[Any, SyncAction]], timeout: float) -> None:
+    """One admin request for all `items`; each action gets the status of its own future."""
+    if not items:
+        return
+    try:
+        futures = call([obj for obj, _ in items], request_timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - e.g. the broker lacks the API: fail these actions only
+        for _, action in items:
+            action.status, action.error = "failed", _error_text(exc)
+        return
+    # Futures are keyed by the resource for config changes, by the topic name otherwise.
+    by_key = {obj if isinstance(obj, ConfigResource) else getattr(obj, "topic", None): action for obj, action in items}
+    for key, future in futures.items():
+        _settle(future, by_key[key], timeout)
+
+
+def _settle(future: Any, action: SyncAction, timeout: float) -> None:
+    try:
+        future.result(timeout=timeout)
+        action.status = "done"
+    except Exception as exc:  # noqa: BLE001 - recorded on the action; the caller reports it
+        err = exc.args[0] if exc.args else None
+        if action.kind == "create" and isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            action.status = "done"  # a concurrent creator won the race
+            return
+        action.status, action.error = "failed", _error_text(exc)
