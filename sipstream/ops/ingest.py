@@ -6,8 +6,9 @@ row). Large files are streamed: a JSONL file line by line, a Parquet file batch 
 gets a stable `doc_id` — the source's id field if configured, else a hash of its text — so ingesting the
 same text twice yields the same items downstream, where duplicates are removed by `item_id`.
 
-Bad input is never silently dropped: an empty, binary or non-UTF-8 document is counted, logged and put
-on `sip.deadletter` (stage `ingest`) with its reason and location, and ingestion continues.
+Bad input is never silently dropped: an empty, binary, non-UTF-8 or too large document is counted, logged
+and put on `sip.deadletter` (stage `ingest`) with its reason and location, and ingestion continues. A too
+large one is streamed through, never held whole: its dead letter keeps its head with its full size and sha256.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class Rejected:
     source: str
     position: int  # line or row number in its file (0 for a whole-file document)
     reason: str
-    raw: bytes
+    raw: bytes  # the document, or only its head when it is too large to hold (then size and sha256 are set)
+    size: int | None = None  # the whole document's bytes, when raw holds only its head
+    sha256: str | None = None  # the whole document's sha256, when raw holds only its head
 
 
 @dataclass
@@ -119,7 +122,12 @@ def iter_documents(
             kind = _detect(path, fmt)
             if kind == "text":
                 with fsspec.open(path, "rb", compression="infer") as f:
-                    raw = f.read(max_document_bytes + 1)
+                    raw, whole = _read_bounded(f, max_document_bytes)
+                if whole is not None:
+                    size, sha256 = whole
+                    yield Rejected(path, 0, f"too large: {size} bytes > {max_document_bytes} (raise --max-document-bytes)",
+                                   raw, size, sha256)
+                    continue
                 text, reason = _check_text(raw, max_document_bytes)
                 if reason:
                     yield Rejected(path, 0, reason, raw)
@@ -127,20 +135,35 @@ def iter_documents(
                     yield {"doc_id": content_doc_id(text), "text": text, "source": path, "meta": {}}
             elif kind == "jsonl":
                 with fsspec.open(path, "rb", compression="infer") as f:
-                    for lineno, line, complete in _bounded_lines(f, max_document_bytes):
-                        if not complete:
-                            yield Rejected(path, lineno, f"too large: line longer than {max_document_bytes} bytes "
-                                                         "(raise --max-document-bytes)", line)
+                    for lineno, line, whole in _bounded_lines(f, max_document_bytes):
+                        if whole is not None:
+                            size, sha256 = whole
+                            yield Rejected(path, lineno, f"too large: line of {size} bytes > {max_document_bytes} "
+                                                         "(raise --max-document-bytes)", line, size, sha256)
                         elif line.strip():
                             yield _from_record_bytes(line, path, lineno, text_field, id_field, max_document_bytes)
             else:
                 yield from _iter_parquet(path, text_field, id_field, max_document_bytes)
 
 
-def _bounded_lines(f: Any, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number, line, complete) for each line of a binary file, never holding more than about
-    `max_bytes` of one line: an over-long line yields its first `max_bytes` bytes with complete=False,
-    and the rest of it is read through and dropped, so one huge line cannot exhaust memory."""
+def _read_bounded(f: Any, max_bytes: int, chunk: int = 1 << 20) -> tuple[bytes, tuple[int, str] | None]:
+    """A whole file if it holds at most `max_bytes`: (its bytes, None). Else (its first `max_bytes` + 1 bytes,
+    (its full size, its sha256)), the rest read through one chunk at a time and counted, never held."""
+    head = f.read(max_bytes + 1)
+    if len(head) <= max_bytes:
+        return head, None
+    digest, size = hashlib.sha256(head), len(head)
+    while block := f.read(chunk):
+        digest.update(block)
+        size += len(block)
+    return head, (size, digest.hexdigest())
+
+
+def _bounded_lines(f: Any, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, tuple[int, str] | None]]:
+    """(line number, line, None) for each line of a binary file, never holding more than about `max_bytes`
+    of one line: an over-long line yields its first `max_bytes` bytes and (its full size, its sha256), the
+    line as read with its newline; the rest of it is read through, counted and dropped, so one huge line
+    cannot exhaust memory."""
     lineno = 0
     while True:
         line = f.readline(max_bytes + 1)
@@ -148,14 +171,16 @@ def _bounded_lines(f: Any, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tup
             return
         lineno += 1
         if len(line) <= max_bytes or (len(line) == max_bytes + 1 and line.endswith(b"\n")):
-            yield lineno, line, True
+            yield lineno, line, None
             continue
-        head, tail = line[:max_bytes], line
+        digest, size, tail = hashlib.sha256(line), len(line), line
         while not tail.endswith(b"\n"):  # read through the rest of the over-long line, keeping none of it
             tail = f.readline(chunk)
             if not tail:
                 break
-        yield lineno, head, False
+            digest.update(tail)
+            size += len(tail)
+        yield lineno, line[:max_bytes], (size, digest.hexdigest())
 
 
 def _from_record_bytes(
@@ -210,8 +235,11 @@ def _rejection_record(rej: Rejected, limit: int = 256 * 1024) -> dict[str, Any]:
     error = ("too_large" if rej.reason.startswith("too large") else
              "bad_encoding" if "UTF-8" in rej.reason or "binary" in rej.reason else
              "bad_json" if "not JSON" in rej.reason else "schema")
-    return deadletter_record(stage="ingest", error=error, reason=rej.reason, topic=rej.source, partition=0,
-                             offset=rej.position, raw=rej.raw, limit=limit)
+    record = deadletter_record(stage="ingest", error=error, reason=rej.reason, topic=rej.source, partition=0,
+                               offset=rej.position, raw=rej.raw, limit=limit)
+    if rej.size is not None:  # raw is only the document's head: its size and sha256 are the whole document's
+        record.update(value_bytes=rej.size, value_sha256=rej.sha256, truncated=True)
+    return record
 
 
 def produce_documents(

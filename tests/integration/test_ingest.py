@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,3 +65,28 @@ def test_ingest_cli_reads_the_builtin_corpus(bus) -> None:  # noqa: ANN001
     assert result.returncode == 0, result.stderr
     assert "ingested 3 documents" in result.stdout
     assert len(bus.values(T.DOCUMENTS, expect=3)) == 3
+
+
+def test_a_too_large_document_is_dead_lettered_with_its_full_size_and_sha256(bus, tmp_path: Path) -> None:  # noqa: ANN001
+    """Issue 18 defect 6: a 20 MB file was reported as "too large: 10485761 bytes", and its dead letter's
+    value_bytes and sha256 covered only the first 10 MiB read."""
+    text = b"word " * 4_000_000  # 20,000,000 bytes of valid text, over the default 10 MiB limit
+    (tmp_path / "big.txt").write_bytes(text)
+    line = b'{"text": "' + b"x" * 5000 + b'"}\n'  # one JSONL line over a 1,000-byte limit
+    (tmp_path / "long.jsonl").write_bytes(b'{"text": "short"}\n' + line + b'{"text": "after"}\n')
+
+    report = produce_documents(bus.cfg.bus, bus.bootstrap, iter_documents([str(tmp_path / "big.txt")]))
+    assert report.ingested == 0 and sum(report.rejected.values()) == 1
+    dead = bus.values(T.DEADLETTER, expect=1)[0]
+    assert dead["error"] == "too_large" and dead["offset"] == 0
+    assert dead["reason"].startswith(f"too large: {len(text)} bytes > {10 * 1024 * 1024}"), dead["reason"]
+    assert dead["value_bytes"] == len(text)
+    assert dead["value_sha256"] == hashlib.sha256(text).hexdigest()
+    assert dead["truncated"] is True and text.startswith(base64.b64decode(dead["value_b64"]))
+
+    out = list(iter_documents([str(tmp_path / "long.jsonl")], max_document_bytes=1000))
+    assert [d["text"] for d in out if not isinstance(d, Rejected)] == ["short", "after"]
+    produce_documents(bus.cfg.bus, bus.bootstrap, [d for d in out if isinstance(d, Rejected)])
+    dead = bus.values(T.DEADLETTER, expect=2)[1]
+    assert dead["offset"] == 2 and dead["reason"].startswith(f"too large: line of {len(line)} bytes > 1000"), dead["reason"]
+    assert dead["value_bytes"] == len(line) and dead["value_sha256"] == hashlib.sha256(line).hexdigest()
