@@ -138,6 +138,27 @@ def render_prompt(template: str, **fields: str) -> str:
     return _render_template(template, **{name: neutralise(value) for name, value in fields.items()})
 
 
+# Characters after which a continuation starts without a space ("(the", "'twas"), and before which
+# it attaches to the word in front (", and", "."), when neither side of a boundary has whitespace.
+_OPENERS = "([{\"'‘“/-"
+_CLOSERS = ",.;:!?)]}\"'’”%"
+
+
+def continuation_separator(prefix: str, candidate: str) -> str:
+    """What stands between the end of ``prefix`` and ``candidate`` when they are read as one text.
+
+    Suffixes are cut at token boundaries, so a candidate usually carries its leading space (" where");
+    one that was stripped (a rewrite, a hand-written candidate) gets one back after punctuation
+    ("barn," + "where"), but a word cut in two by the boundary ("farm" + "yard") stays joined."""
+    if not prefix.strip() or not candidate.strip():
+        return ""
+    if prefix[-1].isspace() or candidate[0].isspace():
+        return " "
+    if (prefix[-1].isalnum() and candidate[0].isalnum()) or prefix[-1] in _OPENERS or candidate[0] in _CLOSERS:
+        return ""
+    return " "
+
+
 def _logsumexp(values: Sequence[float]) -> float:
     finite = [value for value in values if value != -math.inf]
     if not finite:
@@ -260,14 +281,22 @@ class Judge:
         total = sum(weights.values())
         return {label: weight / total for label, weight in weights.items()}
 
+    def safety_prompts(self, prefixes: Sequence[str], candidates: Sequence[str]) -> list[str]:
+        """The safety prompt per (prefix, candidate). The prompt may read them as one text
+        (``{prefix}{candidate}``), so the shown prefix ends with the separator the original text had at
+        the boundary (see :func:`continuation_separator`): "the barn," + " where" reads "the barn, where"."""
+        prompts = []
+        for prefix, candidate in zip(prefixes, candidates, strict=True):
+            shown = self._shown_prefix(prefix)
+            if shown:
+                shown += continuation_separator(prefix, candidate)
+            prompts.append(render_prompt(self.templates["judge_safety"], prefix=shown, candidate=candidate.strip()))
+        return prompts
+
     def safety_scores(self, prefixes: list[str], candidates: list[str], seeds: list[int]) -> list[float]:
         """P(safe) per (prefix, candidate): P(YES) in logit mode, the share of YES among
         ``safety_samples`` sampled verdicts in generative mode."""
-        prompts = [
-            render_prompt(self.templates["judge_safety"], prefix=self._shown_prefix(prefix),
-                          candidate=candidate.strip())
-            for prefix, candidate in zip(prefixes, candidates)
-        ]
+        prompts = self.safety_prompts(prefixes, candidates)
         if self.spec.mode == "logits":
             distributions = self._verdict_distributions("safety", prompts)
             if self.spec.calibrate:

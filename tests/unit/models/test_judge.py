@@ -233,3 +233,23 @@ def test_a_template_with_wrong_placeholders_is_rejected(tiny_model, tmp_path):
     (tmp_path / "judge_safety.txt").write_text("PREFIX: {prefix}\nFINAL DECISION:")
     with pytest.raises(ValueError, match="placeholders"):
         Judge(tiny_model, JudgeSpec(prompts_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "candidate", "reads"),
+    [
+        ("The cows came home to the barn,", " where the cows were fed.", "the barn, where the cows were fed."),
+        ("The cows came home to the barn, ", "where the cows were fed.", "the barn, where the cows were fed."),
+        ("The cows came home to the barn,", "where the cows were fed.", "the barn, where the cows were fed."),
+        ("They walked across the farm", "yard at dawn.", "the farmyard at dawn."),
+        ("He said nothing", ", and left.", "said nothing, and left."),
+        ("She wrote (", "in pencil) a note.", "She wrote (in pencil) a note."),
+    ],
+)
+def test_safety_prompt_reads_prefix_and_candidate_as_one_text(tiny_model, prefix, candidate, reads):
+    """The shipped safety prompt reads `{prefix}{candidate}` as one comment: the words at the boundary
+    keep the spacing of the original text (it read "…the barn, wherethe cows…" before)."""
+    prompt = Judge(tiny_model).safety_prompts([prefix], [candidate])[0]
+    comment = prompt.rsplit("Comment: ", 1)[1].split("\n", 1)[0]
+    assert comment.endswith(reads), comment
+    assert "  " not in comment
