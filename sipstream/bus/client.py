@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from sipstream.config import REDACTED, BusConfig, env_reference
+from sipstream.config import RECORD_FRAMING_BYTES, REDACTED, BusConfig, RunnerConfig, env_reference
 from sipstream.errors import BrokerError, UserError
 
 
@@ -51,7 +51,9 @@ def _base(bus: BusConfig, bootstrap: str) -> dict[str, Any]:
     return conf
 
 
-def producer_config(bus: BusConfig, bootstrap: str, client_id: str = "sipstream") -> dict[str, Any]:
+def producer_config(bus: BusConfig, bootstrap: str, client_id: str = "sipstream",
+                    max_record_bytes: int = RunnerConfig.model_fields["max_record_bytes"].default) -> dict[str, Any]:
+    """`max_record_bytes`: the largest record (key + value) this producer writes, `runner.max_record_bytes`."""
     conf = _base(bus, bootstrap)
     conf.update(
         {
@@ -61,8 +63,9 @@ def producer_config(bus: BusConfig, bootstrap: str, client_id: str = "sipstream"
             "acks": "all",
             # Small linger batches records of one stage batch into few requests without adding latency.
             "linger.ms": 5,
-            # Records carry text (prefix + candidates); stay within the broker's default 1 MB limit.
-            "message.max.bytes": 1_000_000,
+            # Derived from the one record limit (config validates a user's own value against it): a record the
+            # runner accepts can be produced; the limit's default stays within Kafka's default 1 MB topics.
+            "message.max.bytes": max_record_bytes + RECORD_FRAMING_BYTES,
         }
     )
     conf.update(client_settings(bus))  # user settings win

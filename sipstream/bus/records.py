@@ -126,7 +126,7 @@ class Metrics(TypedDict):
 
 class DeadLetter(TypedDict):
     stage: str
-    error: Literal["too_large", "bad_encoding", "bad_json", "schema", "process", "bad_output"]
+    error: Literal["too_large", "bad_encoding", "bad_json", "schema", "process", "bad_output", "output_too_large"]
     reason: str
     topic: str
     partition: int

@@ -6,24 +6,26 @@
 Delivery guarantee: **at-least-once**. Offsets are committed only after all records produced for the
 batch (outputs and dead letters) are acknowledged by the broker, so a crash anywhere re-delivers the
 batch; duplicates are removed downstream by `item_id`. A record that cannot be processed (too large,
-not UTF-8, not JSON, schema violation, processor exception, invalid output) goes to `sip.deadletter`
-with its reason, source coordinates and original bytes, and the stream continues. SIGTERM finishes
+not UTF-8, not JSON, schema violation, processor exception, invalid output, an output too large to
+produce) goes to `sip.deadletter` with its reason, source coordinates and original bytes, and the
+stream continues. One limit, `runner.max_record_bytes`, bounds what is read and what is written (the
+producer's `message.max.bytes` derives from it), so no record can stop a stage at produce time. SIGTERM finishes
 the batch in hand, flushes, commits and leaves the group.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from sipstream.bus import topics as T
 from sipstream.bus.client import consumer_config, producer_config, usable_messages
@@ -36,6 +38,11 @@ from sipstream.telemetry.logs import get_logger
 from sipstream.telemetry.metrics import ProcessMetrics
 
 Item = dict[str, Any]
+# What a stage consumes and produces: the TypedDicts of `bus/records.py` (a TypedDict is a dict at run time).
+In = TypeVar("In")
+Out = TypeVar("Out")
+# Produce errors that belong to one record, not to the producer or the cluster: its source is dead-lettered.
+SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 def record_fields(msg: Any, item: Item | None = None) -> dict[str, Any]:
@@ -47,11 +54,12 @@ def record_fields(msg: Any, item: Item | None = None) -> dict[str, Any]:
     return fields
 
 
-class Stage:
+class Stage(Generic[In, Out]):
     """A stream processor: `process(item) -> list[item]` plus whatever model it holds.
 
-    Subclasses set `name`, `input_topic`, `output_topic` and implement `process` (or `process_batch`
-    when batching across items pays, as for model calls). They never touch Kafka.
+    Subclasses name the records they consume and produce (`Stage[Prefix, Rewritten]`), set `name`,
+    `input_topic`, `output_topic` and implement `process` (or `process_batch` when batching across items
+    pays, as for model calls). They never touch Kafka.
     """
 
     name: str = "stage"
@@ -60,10 +68,10 @@ class Stage:
     # Topics read in full by every instance (not shared in a group), e.g. weight announcements.
     control_topics: tuple[str, ...] = ()
 
-    def process(self, item: Item) -> list[Item]:
+    def process(self, item: In) -> list[Out]:
         raise NotImplementedError
 
-    def process_batch(self, items: list[Item]) -> list[list[Item]]:
+    def process_batch(self, items: list[In]) -> list[list[Out]]:
         """Outputs per input, in order. Raising here makes the runner retry the items one by one."""
         return [self.process(item) for item in items]
 
@@ -126,9 +134,11 @@ class StageRunner:
         self.stats = RunnerStats()
         self._stopping = False
         self._delivery_errors: list[str] = []
+        self._refused: list[tuple[Any, Rejected]] = []  # (source record, why) of outputs the broker refused
         self._last_metrics = time.monotonic()
 
-        self.producer = Producer(producer_config(cfg.bus, bootstrap, client_id=self.instance_id))
+        self.producer = Producer(producer_config(cfg.bus, bootstrap, client_id=self.instance_id,
+                                                 max_record_bytes=cfg.runner.max_record_bytes))
         self.consumer = Consumer(
             consumer_config(
                 cfg.bus,
@@ -215,29 +225,19 @@ class StageRunner:
         t0 = time.perf_counter()
         produced = 0
         for msg, item, outcome in zip(sources, items, self._process(items, sources), strict=True):
-            if isinstance(outcome, Rejected):
-                self._deadletter(msg, outcome, item)
+            failure = outcome if isinstance(outcome, Rejected) else self._produce_outputs(msg, outcome)
+            if failure is not None:
+                self._deadletter(msg, failure, item)
                 continue
-            bad = self._check_outputs(outcome)
-            if bad is not None:
-                self._deadletter(msg, bad, item)
-                continue
-            for out in outcome:
-                self._produce(self.stage.output_topic, out)  # type: ignore[arg-type]
             c["processed"] += 1
             c["produced"] += len(outcome)
             produced += len(outcome)
             self._log_processed(msg, item, outcome)
         c["process_seconds"] += time.perf_counter() - t0
 
-        # Sync point: wait for every acknowledgement before committing (at-least-once).
-        remaining = self.producer.flush(30.0)
-        if remaining or self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
-            raise DeliveryError(
-                f"{remaining} record(s) unacknowledged, {len(errors)} failed ({'; '.join(errors[:3])}); "
-                "offsets not committed, the batch will be re-delivered on restart"
-            )
+        refused = self._await_acknowledgements()
+        c["produced"] -= refused
+        produced -= refused
         self._commit(records)
         c["batches"] += 1
         if produced and self.stage.output_topic:
@@ -280,19 +280,60 @@ class StageRunner:
             if msg.error() is not None:
                 continue
             topic = msg.topic().removeprefix(self.cfg.bus.topic_prefix)
-            try:
-                value = json.loads(msg.value())
-                errors = self.specs[topic].errors(value)
-            except (ValueError, TypeError) as exc:
-                errors = [f"not JSON: {exc}"]
-            if errors:
+            value = decode_record(msg.value(), self.specs[topic], self.cfg.runner.max_record_bytes)
+            if isinstance(value, Rejected):
                 self.stats.counters["control_invalid"] += 1
-                self.log.error("invalid control record ignored", topic=msg.topic(), offset=msg.offset(), errors=errors[:3])
+                self.log.error("invalid control record ignored", topic=msg.topic(), offset=msg.offset(),
+                               error=value.error, reason=value.reason[:300])
                 continue
             self.stage.on_control(topic, value)
 
     def _decode(self, msg: Any) -> Item | Rejected:
         return decode_record(msg.value(), self.input_spec, self.cfg.runner.max_record_bytes)
+
+    def _produce_outputs(self, msg: Any, outputs: list[Item]) -> Rejected | None:
+        """Produce a record's outputs, or say why none can be: invalid, or one too large to produce."""
+        bad = self._check_outputs(outputs)
+        if bad is not None:
+            return bad
+        topic: str = self.stage.output_topic  # type: ignore[assignment] - checked: no topic, no outputs
+        limit = self.cfg.runner.max_record_bytes
+        try:
+            encoded = [self._encode(topic, out) for out in outputs]
+        except UnicodeEncodeError as exc:
+            return Rejected("bad_output", f"output holds a lone surrogate, which is not text: {exc}")
+        for index, (key, value) in enumerate(encoded):
+            size = len(value) + len(key or b"")
+            if size > limit:
+                return Rejected("output_too_large", f"output {index + 1} of {len(encoded)} has {size} bytes (key + "
+                                f"value), over runner.max_record_bytes={limit}, which the producer takes")
+        for key, value in encoded:
+            try:
+                self._send(topic, key, value, source=msg)
+            except KafkaException as exc:
+                if exc.args[0].code() not in SIZE_ERRORS:
+                    raise
+                return Rejected("output_too_large", f"the producer refused an output: {exc.args[0].str()}")
+        return None
+
+    def _await_acknowledgements(self) -> int:
+        """Sync point: wait for every acknowledgement before committing (at-least-once). An output the broker
+        refused for its size (a topic limit under ours) dead-letters its record instead; returns how many."""
+        remaining = self.producer.flush(30.0)
+        refused, self._refused = self._refused, []
+        sources = {(m.topic(), m.partition(), m.offset()): (m, failure) for m, failure in refused}
+        for msg, failure in sources.values():
+            self.stats.counters["processed"] -= 1
+            self._deadletter(msg, failure)
+        if sources:
+            remaining = self.producer.flush(30.0)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise DeliveryError(
+                f"{remaining} record(s) unacknowledged, {len(errors)} failed ({'; '.join(errors[:3])}); "
+                "offsets not committed, the batch will be re-delivered on restart"
+            )
+        return len(refused)
 
     def _check_outputs(self, outputs: list[Item]) -> Rejected | None:
         if not isinstance(outputs, list):
@@ -305,25 +346,47 @@ class StageRunner:
                 return Rejected("bad_output", f"output violates {self.output_spec.name} schema: " + "; ".join(errors[:5]))  # type: ignore[union-attr]
         return None
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
+    def _on_delivery(self, err: Any, msg: Any, source: Any = None) -> None:
+        """`source`: the consumed record an output was made from (None for dead letters and metrics)."""
+        if err is None:
+            return
+        if source is not None and err.code() in SIZE_ERRORS:
+            self._refused.append((source, Rejected("output_too_large", f"the broker refused an output: {err.str()}")))
+        else:
             self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
-    def _produce(self, topic: str, value: Item) -> None:
+    def _encode(self, topic: str, value: Item) -> tuple[bytes | None, bytes]:
+        """(key, value) bytes of a record for the topic specified as `topic`; the key is the spec's key field."""
+        key = value.get(self.specs[topic].key)
+        return None if key is None else str(key).encode("utf-8"), T.encode_value(value)
+
+    def _send(self, topic: str, key: bytes | None, value: bytes, source: Any = None) -> None:
         """Produce to the topic specified as `topic` (its live name carries bus.topic_prefix)."""
-        spec = self.specs[topic]
-        key = value.get(spec.key)
-        self.producer.produce(
-            self.cfg.bus.topic(topic),
-            value=T.encode_value(value),
-            key=None if key is None else str(key).encode("utf-8"),
-            on_delivery=self._on_delivery,
-        )
+        on_delivery = self._on_delivery if source is None else functools.partial(self._on_delivery, source=source)
+        while True:
+            try:
+                self.producer.produce(self.cfg.bus.topic(topic), value=value, key=key, on_delivery=on_delivery)
+                return
+            except BufferError:
+                # The local queue is full (the broker is slower than we are): no fault of this record; serve
+                # deliveries and retry. Queued records fail after message.timeout.ms, so this ends.
+                self.producer.poll(1.0)
+
+    def _produce(self, topic: str, value: Item) -> None:
+        """Produce a dead letter or a metrics record."""
+        self._send(topic, *self._encode(topic, value))
 
     def _deadletter(self, msg: Any, failure: Rejected, item: Item | None = None) -> None:
         record = deadletter_from_message(msg, stage=self.stage.name, instance=self.instance_id, error=failure.error,
                                          reason=failure.reason, limit=self.cfg.runner.deadletter_max_value_bytes)
-        self._produce(T.DEADLETTER, record)
+        key, value = self._encode(T.DEADLETTER, record)
+        if len(value) > self.cfg.runner.max_record_bytes:
+            # Only a huge source key can do this (config keeps the kept bytes in bounds): keep the coordinates,
+            # size and sha256, which find the record again, and cut the rest.
+            record |= {"value_b64": "", "truncated": True, "reason": record["reason"][:1000],
+                       "key": None if record["key"] is None else record["key"][:1000]}
+            key, value = self._encode(T.DEADLETTER, record)
+        self._send(T.DEADLETTER, key, value)
         self.stats.counters["deadlettered"] += 1
         self.stats.counters[f"deadlettered.{failure.error}"] += 1
         self.metrics.inc("sipstream_records_deadlettered_total", topic=msg.topic(), error=failure.error)

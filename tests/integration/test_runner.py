@@ -145,3 +145,49 @@ def test_missing_input_topic_is_a_user_error(broker) -> None:  # noqa: ANN001
     runner = StageRunner(EchoStage(), cfg, broker.bootstrap_servers)
     with pytest.raises(UserError, match="does not exist"):
         runner.run(max_batches=50)
+
+
+def _produce_as_outside_client(bus, values: list[dict], key: str) -> None:  # noqa: ANN001
+    """Produce as a client that allows 16 MiB records would (the embedded broker accepts them)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bus.bootstrap, "message.max.bytes": 16 * 1024 * 1024})
+    for value in values:
+        producer.produce(bus.topic(T.DOCUMENTS), value=json.dumps(value).encode(), key=key.encode())
+    assert producer.flush(30) == 0
+
+
+def test_a_record_whose_output_cannot_be_produced_is_dead_lettered_and_the_next_flows(bus) -> None:  # noqa: ANN001
+    """Issue 18 defect 1: a schema-valid 5.2 MB record (and one just under the input limit whose output is over it)
+    once killed the worker in produce with MSG_SIZE_TOO_LARGE, uncommitted, on every restart."""
+    limit = bus.cfg.runner.max_record_bytes
+    poison = {"doc_id": "poison", "text": "p" * 5_200_000, "source": "t"}
+    near = {"doc_id": "near", "text": "", "source": "t"}
+    near["text"] = "n" * (limit - len(json.dumps(near).encode()))  # the input fits the limit exactly; echo adds a field
+    after = {"doc_id": "after", "text": "ok", "source": "t"}
+    _produce_as_outside_client(bus, [poison, near, after], key="same-partition")
+
+    stats = StageRunner(EchoStage(), bus.cfg, bus.bootstrap).run(until=lambda s: s.counters["consumed"] >= 3)
+
+    assert stats.counters["processed"] == 1
+    assert [v["doc_id"] for v in bus.values(T.ECHO, expect=1)] == ["after"]
+    dead = sorted(bus.values(T.DEADLETTER, expect=2), key=lambda d: d["offset"])
+    assert [d["error"] for d in dead] == ["too_large", "output_too_large"]
+    assert "runner.max_record_bytes" in dead[1]["reason"] and dead[1]["value_bytes"] == limit
+    assert all(d["truncated"] for d in dead)  # cut at runner.deadletter_max_value_bytes, so the dead letter fits
+    # Committed: a restarted worker does not meet the poison again.
+    again = StageRunner(EchoStage(), bus.cfg, bus.bootstrap).run(max_batches=1, until=lambda s: True)
+    assert again.counters["consumed"] == 0
+
+
+def test_a_raised_record_limit_reaches_the_producer(bus) -> None:  # noqa: ANN001
+    """One value, runner.max_record_bytes, sets the input limit, the output limit and the producer's
+    message.max.bytes: raised to 8 MiB, the 5.2 MB record is echoed."""
+    from sipstream.config import merged
+
+    cfg = merged(bus.cfg, runner={"max_record_bytes": 8 * 1024 * 1024})
+    _produce_as_outside_client(bus, [{"doc_id": "big", "text": "b" * 5_200_000, "source": "t"}], key="k")
+    stats = StageRunner(EchoStage(), cfg, bus.bootstrap).run(until=lambda s: s.counters["consumed"] >= 1)
+    assert stats.counters["processed"] == 1 and stats.counters["deadlettered"] == 0
+    (echoed,) = bus.values(T.ECHO, expect=1)
+    assert len(echoed["text"]) == 5_200_000
