@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -86,6 +86,12 @@ class BusConfig(StrictModel):
         return self.topic_prefix + name
 
 
+# Room a record needs beyond its key and value in librdkafka's `message.max.bytes` check (record framing).
+RECORD_FRAMING_BYTES = 1024
+# A dead letter's fields besides the kept bytes: reason (≤ ~2 KB), coordinates, sha256.
+DEADLETTER_FIELDS_BYTES = 2048
+
+
 class RunnerConfig(StrictModel):
     batch_size: int = Field(16, ge=1, le=10_000)
     """Records consumed, processed and committed together."""
@@ -95,14 +101,27 @@ class RunnerConfig(StrictModel):
     """How often each process publishes its counters to `sip.metrics`."""
     deadletter_max_value_bytes: int = Field(256 * 1024, ge=1024)
     """Original bytes kept in a dead-letter record; longer values are cut (the source offset still points at them)."""
-    max_record_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    """Records larger than this are dead-lettered unread, so one huge record cannot exhaust memory."""
+    max_record_bytes: int = Field(1_000_000, ge=1024)
+    """The one record size limit (key + value bytes): larger inputs are dead-lettered unread (one huge record cannot
+    exhaust memory), larger outputs are dead-lettered as `output_too_large`, and the producer's `message.max.bytes`
+    is derived from it. Keep it under the cluster's `max.message.bytes` (Kafka's default 1048588: hence 1 MB)."""
     health_port: int | None = Field(None, ge=0, le=65535)
     """Serve /livez, /readyz, /metrics on this port (0: a free one; unset: none). Deployments set 8080."""
     health_host: str = "127.0.0.1"
     """Health server interface; loopback by default, 0.0.0.0 in containers (probes reach the pod IP)."""
     health_stale_after_s: float = Field(900.0, gt=0)
     """/livez fails when the loop has not turned for this long; must exceed the slowest batch."""
+
+    @model_validator(mode="after")
+    def _deadletter_fits_a_record(self) -> RunnerConfig:
+        # A dead letter carries the kept bytes as base64 (4/3 of them) plus its reason and coordinates.
+        if 4 * -(-self.deadletter_max_value_bytes // 3) + DEADLETTER_FIELDS_BYTES > self.max_record_bytes:
+            raise ValueError(
+                f"deadletter_max_value_bytes ({self.deadletter_max_value_bytes}) leaves no room in a record of "
+                f"max_record_bytes ({self.max_record_bytes}): dead letters keep it as base64 (4/3 of it) plus "
+                f"{DEADLETTER_FIELDS_BYTES} bytes of fields; lower it or raise max_record_bytes"
+            )
+        return self
 
 
 class ItemsConfig(StrictModel):
@@ -183,6 +202,18 @@ class LocalRunConfig(StrictModel):
     their own mapping, returned to the system when freed, instead of heap pages that fragment between
     steps. Measured on the CPU default (SmolLM2-135M, DPO): 4 MiB cut the learner's peak from 4.6 to 3.6 GB
     and made a step ~1.3× slower (the learner is not the loop's bottleneck there). Unset: glibc's default."""
+    stop_timeout_s: float = Field(60.0, gt=0)
+    """After SIGTERM a worker finishes its batch, commits and exits; past this long it is killed. All
+    children are stopped at once, so a stop takes the longest of them, not their sum."""
+    learner_stop_timeout_s: float = Field(900.0, gt=0)
+    """After SIGTERM the learner finishes the step in hand, publishes, checkpoints and commits; past this
+    long it is killed. On 2 shared CPU cores a SmolLM2-135M DPO step of one-thread processes plus its
+    1.6 GB checkpoint (weights + AdamW moments) can take minutes: 60 s killed it in default runs."""
+    max_items_in_flight: Annotated[int, Field(ge=1)] | Literal["auto", "unbounded"] = "auto"
+    """Items admitted but not yet trained on by the learner. Documents are ingested as the learner catches
+    up, so rollouts never run so far ahead that their pairs arrive stale. `auto`: max(1,
+    learner.max_policy_lag) × learner.batch_pairs × grad_accum × sync_every (the pairs the learner takes
+    within the lag bound); `unbounded`: ingest every document at the start (the old behaviour)."""
 
 
 class LoggingConfig(StrictModel):
@@ -223,6 +254,19 @@ class Config(StrictModel):
     """`sipstream run` on one machine."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """Log events."""
+
+    @model_validator(mode="after")
+    def _producer_takes_the_record_limit(self) -> Config:
+        """A user's `message.max.bytes` must let through every record the runner accepts, or an output under
+        runner.max_record_bytes would fail to produce."""
+        limit = self.bus.client.get("message.max.bytes")
+        if str(limit).isdigit() and int(limit) < self.runner.max_record_bytes + RECORD_FRAMING_BYTES:
+            raise ValueError(
+                f"runner.max_record_bytes ({self.runner.max_record_bytes}) must stay {RECORD_FRAMING_BYTES} bytes "
+                f"(record framing) under bus.client message.max.bytes ({limit}); lower runner.max_record_bytes "
+                "or raise message.max.bytes"
+            )
+        return self
 
     @property
     def embedded(self) -> bool:
