@@ -255,7 +255,7 @@ def render(rows: list[tuple[str, Workload, Hardware, Plan]], cpu: dict[str, floa
                 "absolute rates moved by 2x between runs and the ratio ranged 0.79-0.99: the stage reaches 80-100% of the",
                 "pure decode rate, the rest being its own per-batch work (token counting, grouping, seeding) at a size where",
                 "the tiny model's decode is cheap. So the model's rollout GPU counts are a floor; plan with its headroom (70%).", "",
-                "Known CPU figures (RESOURCES.md, 2 cores) through the same formulas: SmolLM2-135M samples ≈57 tok/s at",
+                "Known CPU figures (docs/pipeline.md, 2 cores) through the same formulas: SmolLM2-135M samples ≈57 tok/s at",
                 "batch 8, so 2 rollouts × 128 tokens cost ≈4.5 s per item; the Gemma-270M logit judge takes ≈0.28 s per",
                 "call, and n = 4 candidates need 4·3 + 4·6 = 36 calls ≈ 10 s per item: on a laptop the judge is already",
                 "the bottleneck, as the model predicts for GPUs.", ""]

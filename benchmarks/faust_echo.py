@@ -95,7 +95,7 @@ def build_app(settings: Settings) -> Any:
         f"{settings.group_prefix}.echo",  # the consumer group, named as the runner names it
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
-        # A group join waits about half the session timeout on the embedded broker (RESOURCES.md).
+        # A group join waits about half the session timeout on the embedded broker (docs/embedded-broker.md).
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(0.1, settings.session_timeout_s / 10),
         broker_commit_every=settings.commit_every or settings.batch_size,

@@ -85,7 +85,7 @@ def consumer_config(
             "enable.auto.offset.store": False,
             # A new group starts from the beginning: no item of a topic is skipped.
             "auto.offset.reset": "earliest",
-            # A group join waits ~session.timeout/2 on the embedded broker (RESOURCES.md); keep it short.
+            # A group join waits ~session.timeout/2 on the embedded broker (docs/embedded-broker.md); keep it short.
             "session.timeout.ms": bus.session_timeout_ms,
             "heartbeat.interval.ms": max(100, bus.session_timeout_ms // 10),
             # Model calls on a batch can take minutes on CPU; the poll interval must outlast them.

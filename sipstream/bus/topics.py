@@ -23,7 +23,7 @@ from sipstream.bus.client import admin_config
 from sipstream.config import BusConfig, project_root
 from sipstream.errors import ConfigError, UserError
 
-# The topics every sipstream deployment needs (DESIGN.md "Topics"), in pipeline order.
+# The topics every sipstream deployment needs (docs/design.md, "Topics"), in pipeline order.
 DOCUMENTS = "sip.documents"
 PREFIXES = "sip.prefixes"
 REWRITTEN = "sip.rewritten"

@@ -71,7 +71,7 @@ class BusConfig(StrictModel):
     written `${NAME}` is read from the environment variable NAME when a client is built, so a password
     need not sit in the file; literal credentials are redacted from every dump of the config."""
     session_timeout_ms: int = Field(6000, ge=1000)
-    """Consumer-group session timeout. Short because a group join waits about half of it (RESOURCES.md)."""
+    """Consumer-group session timeout. Short because a group join waits about half of it (docs/embedded-broker.md)."""
     topics_dir: Path | None = None
     """Directory of topic specs; default: the project's `topics/`."""
     group_prefix: str = "sipstream"

@@ -110,7 +110,7 @@ class CriterionWeights(BaseModel):
 
 
 class JudgeSpec(BaseModel):
-    """How the judge scores candidates (see DESIGN.md, "What the paper fixes")."""
+    """How the judge scores candidates (see docs/design.md, "What the paper fixes")."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -166,7 +166,7 @@ class JudgeSpec(BaseModel):
 
 
 class RewriterSpec(BaseModel):
-    """How the rewriter proposes a better suffix (see DESIGN.md, "Rewriter")."""
+    """How the rewriter proposes a better suffix (see docs/design.md, "Rewriter")."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 

@@ -318,7 +318,7 @@ class PairReader:
             committed = self.consumer.committed([TopicPartition(self.topic, p) for p in partitions], timeout=30)
             start = {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_BEGINNING for tp in committed}
         # assign(), not subscribe(): the checkpoint, not the group, decides where reading resumes, and
-        # there is no group join to wait for (RESOURCES.md: several seconds on the embedded broker).
+        # there is no group join to wait for (docs/embedded-broker.md: several seconds on the embedded broker).
         self.consumer.assign([TopicPartition(self.topic, p, start[p]) for p in partitions])
         self.committed: dict[int, int] = {}
         self.deadlettered: Counter[str] = Counter()
@@ -367,7 +367,7 @@ class PairReader:
 
         todo = {p: o for p, o in positions.items() if self.committed.get(p) != o}
         if not todo:
-            return  # committing nothing new raises _NO_OFFSET (RESOURCES.md)
+            return  # committing nothing new raises _NO_OFFSET (docs/embedded-broker.md)
         self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in sorted(todo.items())],
                              asynchronous=False)
         self.committed.update(todo)

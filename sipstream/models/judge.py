@@ -1,6 +1,6 @@
 """The judge: scores every candidate suffix of an item for quality, safety and factuality.
 
-As in the paper (DESIGN.md, "What the paper fixes"):
+As in the paper (docs/design.md, "What the paper fixes"):
 - *safety* is pointwise: "is this continuation safe? FINAL DECISION: YES/NO";
 - *quality* is pairwise: every ordered pair of candidates is asked "Option 1 or Option 2?", so each
   unordered pair is asked in both orders and position bias cancels; a candidate's quality is its

@@ -1,7 +1,7 @@
 """The rewriter: proposes a safer or better suffix, or says why it leaves the original alone.
 
 The paper trains its rewriter to copy safe suffixes and steer unsafe ones to safety. Small shipped
-models mostly copy unsafe text back (RESOURCES.md), so the rewrite is a search: sample
+models mostly copy unsafe text back (docs/pipeline.md), so the rewrite is a search: sample
 ``rewrite_candidates`` rewrites, let the judge score them together with the original, and keep the
 best only if it beats the original. "No rewrite" is a normal outcome and always comes with a reason,
 which the rewrite stage puts on the bus (``why``).

@@ -2,7 +2,7 @@
 
 The rewriter copies a safe suffix unchanged (rewrite = null) and otherwise samples several rewrites
 and keeps the best judged one only if it beats the original (small models tend to copy unsafe text
-back, RESOURCES.md). `why` records the decision so a reader of the topic can audit it.
+back, docs/pipeline.md). `why` records the decision so a reader of the topic can audit it.
 """
 
 from __future__ import annotations

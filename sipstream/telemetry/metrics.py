@@ -82,7 +82,7 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 def documented_names(process: Process) -> set[str]:
-    """The exposition names a process of this kind serves (what the README table lists)."""
+    """The exposition names a process of this kind serves (what the table of docs/observability.md lists)."""
     return {s.name for s in SPECS if process in s.processes}
 
 
