@@ -13,13 +13,14 @@ from collections import Counter
 
 from sipstream.bus import topics as T
 from sipstream.bus.dedupe import SeenIds
-from sipstream.bus.runner import Item, Stage
+from sipstream.bus.records import Candidate, CandidateKind, Judged, Pair, Rollouts
+from sipstream.bus.runner import Stage
 from sipstream.config import Config, PairsConfig
 
 
-def candidate_texts(item: Item) -> dict[tuple[str, int], str]:
+def candidate_texts(item: Rollouts) -> dict[tuple[CandidateKind, int], str]:
     """(kind, index) → text, in a fixed order: original, rewrite, rollouts."""
-    texts = {("original", 0): item["suffix"]}
+    texts: dict[tuple[CandidateKind, int], str] = {("original", 0): item["suffix"]}
     if item.get("rewrite") is not None:
         texts[("rewrite", 0)] = item["rewrite"]
     for i, rollout in enumerate(item.get("rollouts", [])):
@@ -27,7 +28,7 @@ def candidate_texts(item: Item) -> dict[tuple[str, int], str]:
     return texts
 
 
-class AssembleStage(Stage):
+class AssembleStage(Stage[Judged, Pair]):
     name = "assemble"
     input_topic = T.JUDGED
     output_topic = T.PAIRS
@@ -38,7 +39,7 @@ class AssembleStage(Stage):
         # At-least-once upstream can deliver an item twice; one pair per item is enough.
         self.seen = SeenIds()
 
-    def process(self, item: Item) -> list[Item]:
+    def process(self, item: Judged) -> list[Pair]:
         if not self.seen.first_time(item["item_id"]):
             self.counters["duplicates"] += 1
             return []
@@ -55,9 +56,9 @@ class AssembleStage(Stage):
         ranked.sort(reverse=True)
         best, worst = ranked[0], ranked[-1]
 
-        def candidate(entry: tuple[float, int, tuple[str, int]]) -> dict:
+        def candidate(entry: tuple[float, int, tuple[CandidateKind, int]]) -> Candidate:
             total, _, (kind, index) = entry
-            return {"kind": kind, "index": index, "text": texts[(kind, index)], "total": total}
+            return Candidate(kind=kind, index=index, text=texts[(kind, index)], total=total)
 
         chosen = rejected = None
         why: list[str] = []
@@ -77,18 +78,18 @@ class AssembleStage(Stage):
             why.append(f"no target: best total {best[0]:.4f} < nll_min_total {threshold}")
         self.counters[f"target.{target['kind']}" if target else "no_target"] += 1
         return [
-            {
-                "item_id": item["item_id"],
-                "doc_id": item["doc_id"],
-                "prefix": item["prefix"],
-                "suffix": item["suffix"],
-                "seed": item["seed"],
-                "policy_version": item["policy_version"],
-                "chosen": chosen,
-                "rejected": rejected,
-                "target": target,
-                "why": why,
-            }
+            Pair(
+                item_id=item["item_id"],
+                doc_id=item["doc_id"],
+                prefix=item["prefix"],
+                suffix=item["suffix"],
+                seed=item["seed"],
+                policy_version=item["policy_version"],
+                chosen=chosen,
+                rejected=rejected,
+                target=target,
+                why=why,
+            )
         ]
 
 

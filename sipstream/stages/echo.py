@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 from sipstream.bus import topics as T
-from sipstream.bus.runner import Item, Stage
+from sipstream.bus.records import Document, Echo
+from sipstream.bus.runner import Stage
 from sipstream.config import Config
 
 
-class EchoStage(Stage):
+class EchoStage(Stage[Document, Echo]):
     name = "echo"
     input_topic = T.DOCUMENTS
     output_topic = T.ECHO
@@ -18,10 +19,11 @@ class EchoStage(Stage):
         self.instance = instance
         self.delay_s = delay_s
 
-    def process(self, item: Item) -> list[Item]:
+    def process(self, item: Document) -> list[Echo]:
         if self.delay_s:
             time.sleep(self.delay_s)  # stands in for model time in tests and demos
-        return [{**item, "echoed_by": self.instance}]
+        echo: Echo = {**item, "echoed_by": self.instance}
+        return [echo]
 
 
 def build(cfg: Config) -> EchoStage:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections import Counter
 
 from sipstream.bus import topics as T
-from sipstream.bus.runner import Item, Stage
+from sipstream.bus.records import CandidateScore, Judged, Rollouts
+from sipstream.bus.runner import Stage
 from sipstream.config import Config
 from sipstream.models import Judge, JudgeRequest
 from sipstream.stages.assemble import candidate_texts
 from sipstream.stages.models import shared_model
 
 
-class JudgeStage(Stage):
+class JudgeStage(Stage[Rollouts, Judged]):
     name = "judge"
     input_topic = T.ROLLOUTS
     output_topic = T.JUDGED
@@ -26,23 +27,23 @@ class JudgeStage(Stage):
         self.judge = judge
         self.counters: Counter[str] = Counter()
 
-    def process_batch(self, items: list[Item]) -> list[list[Item]]:
-
+    def process_batch(self, items: list[Rollouts]) -> list[list[Judged]]:
         keyed = [candidate_texts(item) for item in items]
         requests = [
             JudgeRequest(item["prefix"], item["suffix"], tuple(texts.values()), item["seed"])
             for item, texts in zip(items, keyed, strict=True)
         ]
-        out = []
+        out: list[list[Judged]] = []
         for item, texts, result in zip(items, keyed, self.judge.score_many(requests), strict=True):
             self.counters["pairwise_calls"] += result.pairwise_calls
             self.counters["pointwise_calls"] += result.pointwise_calls
             scores = [
-                {"kind": kind, "index": index, "quality": s.quality, "safety": s.safety,
-                 "factuality": s.factuality, "total": s.total}
+                CandidateScore(kind=kind, index=index, quality=s.quality, safety=s.safety, factuality=s.factuality,
+                               total=s.total)
                 for (kind, index), s in zip(texts, result.scores, strict=True)
             ]
-            out.append([{**item, "scores": scores}])
+            judged: Judged = {**item, "scores": scores}
+            out.append([judged])
         return out
 
 

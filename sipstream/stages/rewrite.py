@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections import Counter
 
 from sipstream.bus import topics as T
-from sipstream.bus.runner import Item, Stage
+from sipstream.bus.records import Prefix, Rewritten
+from sipstream.bus.runner import Stage
 from sipstream.config import Config
 from sipstream.models import Judge, Rewriter, RewriteRequest
 from sipstream.stages.models import shared_model
 
 
-class RewriteStage(Stage):
+class RewriteStage(Stage[Prefix, Rewritten]):
     name = "rewrite"
     input_topic = T.PREFIXES
     output_topic = T.REWRITTEN
@@ -27,14 +28,14 @@ class RewriteStage(Stage):
         self.max_new_tokens = max_new_tokens
         self.counters: Counter[str] = Counter()
 
-    def process_batch(self, items: list[Item]) -> list[list[Item]]:
-
+    def process_batch(self, items: list[Prefix]) -> list[list[Rewritten]]:
         requests = [RewriteRequest(i["prefix"], i["suffix"], i["seed"], self.max_new_tokens) for i in items]
         out = []
         for item, result in zip(items, self.rewriter.rewrite_many(requests), strict=True):
             why = [result.why] + [f"{k}={v:.3f}" for k, v in sorted(result.flags.items())]
             self.counters["rewritten" if result.rewrite is not None else "kept_original"] += 1
-            out.append([{**item, "rewrite": result.rewrite, "why": why}])
+            rewritten: Rewritten = {**item, "rewrite": result.rewrite, "why": why}
+            out.append([rewritten])
         return out
 
 

@@ -4,7 +4,9 @@ Each rollout gets as many new tokens as the original suffix has, at temperature 
 default (paper). Items of a batch are sampled together, grouped by length. Seeds derive from the item's
 seed, the policy version and the rollout index, so a replay on the same weights samples the same text.
 New weights announced on `sip.weights` are loaded between batches (sha256 checked; a bad file is
-refused and the current version keeps serving), and every output is tagged with `policy_version`.
+refused and the current version keeps serving), and every output is tagged with `policy_version`. An
+announcement is read with the one parser, `parse_weights_announcement`; one it rejects is logged,
+counted (`weights_invalid`) and ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from sipstream.bus import topics as T
+from sipstream.bus.records import Rewritten, Rollouts, WeightsAnnouncement, parse_weights_announcement
 from sipstream.bus.runner import Item, Stage
 from sipstream.config import Config, RolloutConfig
 from sipstream.models import ModelError, derive_seed
@@ -20,7 +23,7 @@ from sipstream.stages.models import shared_model
 from sipstream.telemetry.logs import get_logger
 
 
-class RolloutStage(Stage):
+class RolloutStage(Stage[Rewritten, Rollouts]):
     name = "rollout"
     input_topic = T.REWRITTEN
     output_topic = T.ROLLOUTS
@@ -31,15 +34,21 @@ class RolloutStage(Stage):
         self.rollout = rollout
         self.run_name = run_name
         self.policy_version = 0
-        self._pending: dict | None = None
+        self._pending: WeightsAnnouncement | None = None
         self.counters: Counter[str] = Counter()
         self.log = get_logger(stage=self.name)
 
-    def on_control(self, topic: str, value: dict) -> None:
-        if value["run_name"] == self.run_name and value["version"] > max(
+    def on_control(self, topic: str, value: Item) -> None:
+        try:
+            announcement = parse_weights_announcement(value)
+        except ValueError as exc:
+            self.counters["weights_invalid"] += 1
+            self.log.error("weights announcement ignored", policy_version=self.policy_version, error=str(exc))
+            return
+        if announcement["run_name"] == self.run_name and announcement["version"] > max(
             self.policy_version, self._pending["version"] if self._pending else -1
         ):
-            self._pending = value  # only the newest matters; loaded between batches
+            self._pending = announcement  # only the newest matters; loaded between batches
 
     def before_batch(self) -> None:
         announcement, self._pending = self._pending, None
@@ -60,8 +69,7 @@ class RolloutStage(Stage):
     def stage_counters(self) -> dict[str, float]:
         return {**self.counters, "policy_version": self.policy_version}
 
-    def process_batch(self, items: list[Item]) -> list[list[Item]]:
-
+    def process_batch(self, items: list[Rewritten]) -> list[list[Rollouts]]:
         k = self.rollout.rollouts
         by_length: dict[int, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -74,7 +82,11 @@ class RolloutStage(Stage):
             for position, index in enumerate(indices):
                 samples[index] = texts[position * k : (position + 1) * k]
         self.counters["rollouts"] += k * len(items)
-        return [[{**item, "rollouts": samples[i], "policy_version": self.policy_version}] for i, item in enumerate(items)]
+        out: list[list[Rollouts]] = []
+        for i, item in enumerate(items):
+            rollouts: Rollouts = {**item, "rollouts": samples[i], "policy_version": self.policy_version}
+            out.append([rollouts])
+        return out
 
 
 def build(cfg: Config) -> RolloutStage:

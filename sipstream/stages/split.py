@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sipstream.bus import topics as T
-from sipstream.bus.runner import Item, Stage
+from sipstream.bus.records import Document, Prefix
+from sipstream.bus.runner import Stage
 from sipstream.config import Config, ItemsConfig
 from sipstream.errors import UserError
 from sipstream.models.base import derive_seed
@@ -54,7 +55,7 @@ def item_seed(run_seed: int, item_id: str) -> int:
     return derive_seed(run_seed, item_id) % (2**31)
 
 
-class SplitStage(Stage):
+class SplitStage(Stage[Document, Prefix]):
     name = "split"
     input_topic = T.DOCUMENTS
     output_topic = T.PREFIXES
@@ -64,20 +65,20 @@ class SplitStage(Stage):
         self.items = items
         self.run_seed = run_seed
 
-    def process(self, item: Item) -> list[Item]:
+    def process(self, item: Document) -> list[Prefix]:
         ids = self.tokenizer.encode(item["text"])
         out = []
         for chunk in cut_document(ids, self.items):
             item_id = f"{item['doc_id']}:{chunk.chunk_index}"
             out.append(
-                {
-                    "item_id": item_id,
-                    "doc_id": item["doc_id"],
-                    "chunk_index": chunk.chunk_index,
-                    "prefix": self.tokenizer.decode(chunk.prefix_ids),
-                    "suffix": self.tokenizer.decode(chunk.suffix_ids),
-                    "seed": item_seed(self.run_seed, item_id),
-                }
+                Prefix(
+                    item_id=item_id,
+                    doc_id=item["doc_id"],
+                    chunk_index=chunk.chunk_index,
+                    prefix=self.tokenizer.decode(chunk.prefix_ids),
+                    suffix=self.tokenizer.decode(chunk.suffix_ids),
+                    seed=item_seed(self.run_seed, item_id),
+                )
             )
         # Whitespace-only suffixes (e.g. trailing blank lines) make no useful item.
         return [o for o in out if o["suffix"].strip()]
