@@ -1,11 +1,19 @@
 """`sipstream run`: the whole loop on one machine.
 
 Starts the embedded broker (unless a cluster is configured), creates the topics, starts every stage as
-its own local `sipstream worker` process (as in a deployment: one process per stage), ingests documents,
-follows the records to the last topic with a live status line, and stops everything in order
-(SIGTERM: each worker finishes its batch and commits; then the broker). A child that crashes is
-restarted (up to `local.max_restarts` times) and reported. Everything a run writes goes to its run
-directory: the resolved config, one log per process, and the summary.
+its own local `sipstream worker` process (as in a deployment: one process per stage) and the learner,
+ingests documents as the learner keeps up (`local.max_items_in_flight`: rollouts never run so far ahead
+that their pairs arrive stale), follows the records to the last topic with a live status line, and stops.
+
+Stopping, at the end or on Ctrl-C / SIGTERM: every child gets SIGTERM at once (a worker finishes its
+batch and commits; the learner finishes its step, publishes, checkpoints and commits), each within its
+own timeout (`local.stop_timeout_s`, `local.learner_stop_timeout_s`; a second Ctrl-C kills what is
+left). Then the run's record is written while the broker still holds the topics: `manifest.json`, and
+for an in-memory broker an `export/` archive of every topic, so `sipstream replay` works on an
+interrupted run too. Then the broker stops and `summary.json` is written (pairs judged, trained and
+dropped by reason; each child's exit code, and why one was killed). An interrupted run exits with 130
+(the shell's code for Ctrl-C) after writing its record. A child that crashes is restarted (up to
+`local.max_restarts` times) and reported.
 """
 
 from __future__ import annotations
@@ -13,12 +21,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +40,11 @@ import yaml
 from sipstream.bus import topics as T
 from sipstream.bus.broker import EmbeddedBroker
 from sipstream.bus.client import client_settings
+from sipstream.bus.records import parse_weights_announcement
 from sipstream.bus.tail import TopicTail
 from sipstream.config import Config, secrets_env
 from sipstream.errors import UserError
+from sipstream.learner.losses import ALGOS
 from sipstream.ops.ingest import (
     BUILTIN_CORPUS,
     Rejected,
@@ -41,13 +55,15 @@ from sipstream.ops.lifeline import SUPERVISOR_ENV, terminate_as_interrupt
 from sipstream.ops.manifest import pipeline_manifest
 from sipstream.replay.export import export_topic
 from sipstream.replay.source import ARCHIVE_DIR
-from sipstream.runs.manifest import topic_positions
+from sipstream.runs.manifest import MANIFEST_NAME, topic_positions
 from sipstream.telemetry.logs import get_logger
 
 # The stages `sipstream run` starts, in pipeline order, and the topic whose records mark an item done.
 PIPELINE: tuple[str, ...] = ("split", "rewrite", "rollout", "judge", "assemble")
 FINAL_TOPIC = T.PAIRS
 STATUS_TOPICS = (T.DOCUMENTS, T.PREFIXES, T.REWRITTEN, T.ROLLOUTS, T.JUDGED, T.PAIRS)
+# Dead letters of these stages are items that never reach the learner (split's are documents).
+ITEM_STAGES = frozenset({"rewrite", "rollout", "judge", "assemble"})
 
 
 @dataclass
@@ -69,6 +85,15 @@ class LocalRunResult:
     peak_total_pss_mb: float = 0.0
     first_update_s: float | None = None  # from the start of `run_local` to the first published weights
     exit_codes: dict[str, int] = field(default_factory=dict)
+    killed: dict[str, str] = field(default_factory=dict)
+    """Children killed at the stop, and why (an exit code of -9 with no entry here came from elsewhere)."""
+    stopped_by: str = ""
+    """`finished` (every item done), `max_items`, `interrupt` (Ctrl-C / SIGTERM) or `error`."""
+    max_items_in_flight: int | None = None
+    """The admission bound this run used (None: every document ingested at the start)."""
+    pairs: dict[str, Any] = field(default_factory=dict)
+    """judged (distinct items on sip.pairs), trainable (with what the algorithm needs), trained, and
+    dropped by reason (tie, stale, duplicate, ..., `not_trained`: judged but not yet trained at the stop)."""
     seconds: float = 0.0
 
 
@@ -117,6 +142,42 @@ class MemorySampler:
         self.peak_pss_mb = max(self.peak_pss_mb, sum(pss for _, pss in readings))
 
 
+class _Spawner:
+    """Starts child processes from one thread that lives as long as this process.
+
+    Why: children of `sipstream run` ask for SIGKILL when their parent dies (PR_SET_PDEATHSIG,
+    ops/lifeline.py), and Linux sends it when the *thread* that forked the child exits, not the process.
+    A child started from a short-lived thread would be killed with that thread. The main thread lives as
+    long as the process, so it forks directly; any other thread hands the fork to this one."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(argv, **kwargs)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="sipstream-spawner", daemon=True)
+                self._thread.start()
+        future: Future[subprocess.Popen[bytes]] = Future()
+        self._requests.put((future, argv, kwargs))
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            future, argv, kwargs = self._requests.get()
+            try:
+                future.set_result(subprocess.Popen(argv, **kwargs))
+            except BaseException as error:  # noqa: BLE001 - raised in the thread that asked
+                future.set_exception(error)
+
+
+_SPAWNER = _Spawner()
+
+
 class Child:
     """One supervised worker process; its output goes to `<run_dir>/logs/<name>.log`."""
 
@@ -133,7 +194,7 @@ class Child:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
         log.write(f"--- start {dt.datetime.now(dt.timezone.utc).isoformat()} argv={self.argv}\n".encode())
         log.flush()
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = _SPAWNER.popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
 
     def crashed(self) -> int | None:
@@ -149,33 +210,46 @@ class Child:
         """The process's peak resident memory so far, for the run summary."""
         return None if self.proc is None else peak_rss_mb(self.proc.pid)
 
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # finish the batch, flush, commit, leave the group
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM: finish the batch, flush, commit, leave the group); returns at once."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
 
-def status_line(tails: dict[str, TopicTail], result: LocalRunResult, chosen: Counter[str], rewards: deque[float]) -> str:
-    """items | per stage: items done (backlog waiting for it) | dead letters | policy | reward | curriculum."""
-    parts = [f"items {len(tails[T.PREFIXES].ids)}"]
-    for stage, (src, dst) in {"rewrite": (T.PREFIXES, T.REWRITTEN), "rollout": (T.REWRITTEN, T.ROLLOUTS),
-                              "judge": (T.ROLLOUTS, T.JUDGED), "assemble": (T.JUDGED, T.PAIRS)}.items():
-        done, waiting = len(tails[dst].ids), len(tails[src].ids) - len(tails[dst].ids)
-        parts.append(f"{stage} {done} (lag {waiting})")
-    parts.append(f"dead {result.deadlettered}")
-    parts.append(f"policy v{max(result.policy_versions, default=0)}")
-    if rewards:
-        parts.append(f"chosen reward {sum(rewards) / len(rewards):.2f}")
-    total = sum(chosen.values())
-    if total:
-        parts.append("chosen " + " ".join(f"{k} {n / total:.0%}" for k, n in chosen.most_common()))
-    return " | ".join(parts)
+@dataclass
+class StopOutcome:
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    killed: dict[str, str] = field(default_factory=dict)
+    """Children killed with SIGKILL, and why."""
+
+
+def stop_children(children: list[Child], timeouts: dict[str, float], default_timeout_s: float,
+                  hurry: threading.Event | None = None) -> StopOutcome:
+    """SIGTERM every child at once, then wait for each until its own timeout (`timeouts[name]`, else
+    `default_timeout_s`, counted from the SIGTERM) and kill it past that, or at once when `hurry` is set
+    (a second Ctrl-C). A stop takes the longest child's time, not the sum. Children never started are
+    left out."""
+    outcome = StopOutcome()
+    pending = [child for child in children if child.proc is not None]
+    for child in pending:
+        child.terminate()
+    sent = time.monotonic()
+    while pending:
+        waited = time.monotonic() - sent
+        for child in list(pending):
+            assert child.proc is not None
+            code = child.proc.poll()
+            timeout = timeouts.get(child.name, default_timeout_s)
+            if code is None and (waited >= timeout or (hurry is not None and hurry.is_set())):
+                child.proc.kill()
+                code = child.proc.wait()
+                outcome.killed[child.name] = (f"past its {timeout:g}s stop timeout" if waited >= timeout
+                                              else f"interrupted again after {waited:.0f}s of its stop")
+            if code is not None:
+                outcome.exit_codes[child.name] = code
+                pending.remove(child)
+        time.sleep(0.05)
+    return outcome
 
 
 MODEL_STAGES = frozenset({"rewrite", "rollout", "judge"})
@@ -225,181 +299,428 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[str] | None = None) -> LocalRunResult:
-    """Run the loop until every ingested document's items reached `sip.pairs` (or dead letters)."""
+def items_in_flight_limit(cfg: Config) -> int | None:
+    """`local.max_items_in_flight` resolved: the pairs the learner takes within `max_policy_lag` versions."""
+    limit = cfg.local.max_items_in_flight
+    if limit == "unbounded":
+        return None
+    if limit == "auto":
+        lcfg = cfg.learner
+        return max(1, lcfg.max_policy_lag) * lcfg.batch_pairs * lcfg.grad_accum * lcfg.sync_every
+    return int(limit)
 
-    log = get_logger(component="run")
-    process_groups(cfg)  # a bad local.colocate fails before anything starts
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        previous_sigterm = terminate_as_interrupt()  # `kill`, `timeout`, `docker stop`: the Ctrl-C stop
-    run_dir = new_run_dir(cfg)
-    result = LocalRunResult(run_dir=str(run_dir))
-    started = time.monotonic()
-    specs = T.load_specs(T.topics_dir(cfg.bus))
+
+class RunProgress:
+    """What `sipstream run` reads from the bus: items per topic, pairs (deduplicated by item_id), policy
+    versions, item dead letters and the learner's own counters (its sip.metrics records)."""
+
+    def __init__(self, cfg: Config, bootstrap: str, specs: dict[str, Any], result: LocalRunResult) -> None:
+        self.cfg = cfg
+        self.result = result
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.continuations = ALGOS[cfg.learner.algo].continuations  # what makes a pair trainable
+        self.doc_ids: set[str] = set()  # documents split into items so far
+        self.pair_ids: set[str] = set()
+        self.trainable = 0
+        self.chosen: Counter[str] = Counter()
+        self.rewards: deque[float] = deque(maxlen=20)
+        self.item_deadletters = 0
+        self.learner_counters: dict[str, float] = {}
+        self.learner_step = 0
+        callbacks = {T.PREFIXES: self._on_prefix, FINAL_TOPIC: self._on_pair, T.WEIGHTS: self._on_weights, T.METRICS: self._on_metrics,
+                     T.DEADLETTER: self._on_deadletter}
+        self.tails = {
+            topic: TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions, on_record=callbacks.get(topic),
+                             id_field="item_id" if topic in STATUS_TOPICS[1:] else None, client=client_settings(cfg.bus))
+            for topic in (*STATUS_TOPICS, T.DEADLETTER, T.WEIGHTS, T.METRICS)
+        }
+
+    def _on_prefix(self, prefix: dict) -> None:
+        self.doc_ids.add(prefix["doc_id"])
+
+    def _on_pair(self, pair: dict) -> None:
+        # At-least-once: a restarted worker may repeat records; each item counts once (dedupe by item_id).
+        if pair["item_id"] in self.pair_ids:
+            self.result.duplicates_removed += 1
+            return
+        self.pair_ids.add(pair["item_id"])
+        self.trainable += all(pair.get(name) is not None for name in self.continuations)
+        self.chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
+        if pair.get("chosen"):
+            self.rewards.append(pair["chosen"]["total"])
+
+    def _on_weights(self, value: dict) -> None:
+        announcement = parse_weights_announcement(value)
+        if announcement["run_name"] == self.cfg.run_name:
+            self.result.policy_versions.append(announcement["version"])
+            self.learner_step = max(self.learner_step, announcement["step"])
+            if self.result.first_update_s is None:
+                self.result.first_update_s = round(time.monotonic() - self.started, 1)
+
+    def _on_metrics(self, value: dict) -> None:
+        if value.get("source") == "learner" and value.get("ts", 0) >= self.started_at:  # not an earlier run's
+            self.learner_counters = value.get("counters") or {}
+
+    def _on_deadletter(self, value: dict) -> None:
+        self.item_deadletters += value.get("stage") in ITEM_STAGES
+
+    def poll(self) -> bool:
+        """Read what is new; True when split has consumed and committed every ingested document."""
+        # Order matters: check that split committed everything *before* reading its output, since
+        # split commits only after its items are acknowledged, the poll below then sees them all.
+        documents = self.tails[T.DOCUMENTS]
+        documents.poll(0.05)
+        split_done = documents.count >= self.result.ingested and documents.committed_by(
+            f"{self.cfg.bus.group_prefix}.{PIPELINE[0]}")
+        # Downstream topics first: an item counted downstream is then always counted upstream too, so no
+        # stage shows a negative backlog. Short waits: an idle topic costs 50 ms, so a status round takes
+        # about a second and --max-items stops the run close to its bound.
+        for tail in reversed(list(self.tails.values())):
+            tail.poll(0.05)
+        self.result.items = len(self.tails[T.PREFIXES].ids)
+        self.result.completed = len(self.pair_ids)
+        self.result.deadlettered = self.tails[T.DEADLETTER].count
+        return split_done
+
+    def trained(self) -> int:
+        """Pairs the learner trained on, as far as it has told: its counters, or its steps so far."""
+        lcfg = self.cfg.learner
+        return max(int(self.learner_counters.get("pairs_trained", 0)),
+                   self.learner_step * lcfg.batch_pairs * lcfg.grad_accum)
+
+    def in_flight(self, unsplit_documents: int) -> int:
+        """Items admitted that the learner has not yet trained on or dropped: those before sip.pairs
+        (`unsplit_documents` counted at their most items each) and the trainable pairs after it."""
+        per_document = self.cfg.items.max_items_per_document or 1
+        upstream = self.result.items - self.result.completed - self.item_deadletters + unsplit_documents * per_document
+        dropped = sum(self.learner_counters.get(name, 0) for name in ("dropped_stale", "skipped_empty", "deadlettered"))
+        return max(0, upstream) + max(0, self.trainable - self.trained() - int(dropped))
+
+    def pairs_summary(self, learner_counters: dict[str, float] | None = None) -> dict[str, Any]:
+        """Pairs judged, trainable, trained, and dropped by reason (from the learner's final counters)."""
+        counters = learner_counters or self.learner_counters
+        dropped: dict[str, int] = {}
+        for name, value in counters.items():
+            reason = name.removeprefix("dropped_").removeprefix("skipped_")
+            if reason != name and value:
+                dropped[{"no_rejected": "tie"}.get(reason, reason)] = int(value)
+        if counters.get("deadlettered"):
+            dropped["deadlettered"] = int(counters["deadlettered"])
+        trained = int(counters.get("pairs_trained", 0))
+        judged = len(self.pair_ids)
+        accounted = trained + sum(n for reason, n in dropped.items() if reason != "duplicate")
+        if judged > accounted:
+            dropped["not_trained"] = judged - accounted  # read after the last step, or not read at all
+        return {"judged": judged, "trainable": self.trainable, "trained": trained, "dropped": dropped}
+
+    def close(self) -> None:
+        for tail in self.tails.values():
+            tail.close()
+
+
+def status_line(progress: RunProgress) -> str:
+    """items | per stage: items done (backlog waiting for it) | dead letters | policy | trained | reward | curriculum."""
+    tails, result = progress.tails, progress.result
+    parts = [f"items {len(tails[T.PREFIXES].ids)}"]
+    for stage, (src, dst) in {"rewrite": (T.PREFIXES, T.REWRITTEN), "rollout": (T.REWRITTEN, T.ROLLOUTS),
+                              "judge": (T.ROLLOUTS, T.JUDGED), "assemble": (T.JUDGED, T.PAIRS)}.items():
+        done, waiting = len(tails[dst].ids), len(tails[src].ids) - len(tails[dst].ids)
+        parts.append(f"{stage} {done} (lag {waiting})")
+    parts.append(f"dead {result.deadlettered}")
+    parts.append(f"policy v{max(result.policy_versions, default=0)}")
+    parts.append(f"trained {progress.trained()}")
+    if progress.rewards:
+        parts.append(f"chosen reward {sum(progress.rewards) / len(progress.rewards):.2f}")
+    total = sum(progress.chosen.values())
+    if total:
+        parts.append("chosen " + " ".join(f"{k} {n / total:.0%}" for k, n in progress.chosen.most_common()))
+    return " | ".join(parts)
+
+
+class Admission:
+    """Ingests documents as the learner keeps up: at most `limit` items in flight (None: all at once)."""
+
+    def __init__(self, cfg: Config, bootstrap: str, documents: list[dict], limit: int | None) -> None:
+        self.cfg, self.bootstrap, self.documents, self.limit = cfg, bootstrap, documents, limit
+        self.admitted = 0
+
+    @property
+    def done(self) -> bool:
+        return self.admitted >= len(self.documents)
+
+    def admit(self, progress: RunProgress, split_done: bool) -> int:
+        """Produce the next documents that fit; returns how many. Never stalls: below the limit at least
+        one document goes in (the learner may be waiting for one more pair to fill its step)."""
+        if self.done:
+            return 0
+        count = len(self.documents) - self.admitted
+        if self.limit is not None:
+            unsplit = 0 if split_done else self.admitted - len(progress.doc_ids)
+            room = self.limit - progress.in_flight(max(0, unsplit))
+            per_document = self.cfg.items.max_items_per_document or 1
+            count = min(count, max(1 if room > 0 else 0, room // per_document))
+        if count:
+            batch = self.documents[self.admitted:self.admitted + count]
+            ingested = produce_documents(self.cfg.bus, self.bootstrap, batch).ingested
+            self.admitted += count
+            progress.result.ingested += ingested
+        return count
+
+
+def load_documents(cfg: Config, documents: list[dict] | None, sources: list[str] | None) -> list[dict]:
     if documents is None:
         docs: list[Any] = list(iter_documents(sources or [BUILTIN_CORPUS]))
         documents = [d for d in docs if not isinstance(d, Rejected)]
-    if cfg.local.max_documents is not None:
-        documents = documents[: cfg.local.max_documents]
+    return documents if cfg.local.max_documents is None else documents[: cfg.local.max_documents]
 
-    broker = None
-    children: list[Child] = []
-    tails: dict[str, TopicTail] = {}
-    chosen: Counter[str] = Counter()
+
+@contextmanager
+def second_interrupt_hurries(hurry: threading.Event) -> Iterator[None]:
+    """While stopping: Ctrl-C or SIGTERM again sets `hurry` (kill what is left) instead of raising in the
+    middle of the stop, so the run's record is still written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: hurry.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class LocalRun:
+    """One `sipstream run`: its broker, children and progress; started, followed, then stopped and recorded."""
+
+    def __init__(self, cfg: Config, run_dir: Path, result: LocalRunResult) -> None:
+        self.cfg, self.run_dir, self.result = cfg, run_dir, result
+        self.log = get_logger(component="run")
+        self.specs = T.load_specs(T.topics_dir(cfg.bus))
+        self.broker: EmbeddedBroker | None = None
+        self.bootstrap: str | None = None
+        self.begin: dict[str, dict[int, int]] = {}
+        self.children: list[Child] = []
+        self.progress: RunProgress | None = None
+
+    # --- start: broker, topics, children (each with the resolved config), the bus readers ---
+    def start(self) -> None:
+        cfg = self.cfg
         bootstrap = cfg.bus.bootstrap_servers
         if bootstrap is None:
-            broker = EmbeddedBroker(cfg.bus.embedded)
-            bootstrap = broker.start()
-        T.create_topics(cfg.bus, bootstrap, specs)
-        begin = topic_positions(bootstrap, cfg.bus, list(T.CORE_TOPICS))
-        print(f"run directory {run_dir}; broker {bootstrap}", flush=True)
+            self.broker = EmbeddedBroker(cfg.bus.embedded)
+            bootstrap = self.broker.start()
+        self.bootstrap = bootstrap
+        T.create_topics(cfg.bus, bootstrap, self.specs)
+        self.begin = topic_positions(bootstrap, cfg.bus, list(T.CORE_TOPICS))
+        print(f"run directory {self.run_dir}; broker {bootstrap}", flush=True)
+        self.children = self._children(bootstrap)
+        for child in self.children:
+            child.start()
+        self.progress = RunProgress(cfg, bootstrap, self.specs, self.result)
 
+    def _children(self, bootstrap: str) -> list[Child]:
+        cfg, logs = self.cfg, self.run_dir / "logs"
         # Children get the resolved config, so --set and env overrides reach them too; the learner's
         # checkpoints and weights land in this run's directory.
-        cfg_file = run_dir / "config.yaml"
-        child_cfg = cfg.model_dump(mode="json") | {"run_dir": str(run_dir)}
-        cfg_file.write_text(yaml.safe_dump(child_cfg, sort_keys=False))
+        cfg_file = self.run_dir / "config.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {"run_dir": str(self.run_dir)}, sort_keys=False))
         common = ["--config", str(cfg_file), "--bootstrap-servers", bootstrap]
         # config.yaml has its credentials redacted; children get them through the environment instead.
         child_env = {**os.environ, **secrets_env(cfg), **thread_env(cfg), SUPERVISOR_ENV: str(os.getpid())}
+        children = []
         for group in process_groups(cfg):
             stages = "+".join(group)  # `sipstream worker rewrite+judge`: one process, a thread per stage
             for k in range(cfg.local.workers_per_stage):
                 name = stages if cfg.local.workers_per_stage == 1 else f"{stages}-{k}"
                 argv = [sys.executable, "-m", "sipstream", "worker", stages, *common, "--instance-id", f"{name}-local"]
-                children.append(Child(name, argv, run_dir / "logs", env=child_env))
-        learner = Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], run_dir / "logs",
-                        env=learner_env(cfg, child_env))
-        children.append(learner)
-        for child in children:
-            child.start()
+                children.append(Child(name, argv, logs, env=child_env))
+        children.append(Child("learner", [sys.executable, "-m", "sipstream", "learner", *common], logs,
+                              env=learner_env(cfg, child_env)))
+        return children
 
-        result.ingested = produce_documents(cfg.bus, bootstrap, documents).ingested
-        print(f"ingested {result.ingested} documents; stages: {' → '.join(PIPELINE)}", flush=True)
-
-        pair_ids: set[str] = set()
-        recent_rewards: deque[float] = deque(maxlen=20)
-
-        def on_pair(pair: dict) -> None:
-            # At-least-once: a restarted worker may repeat records; each item counts once (dedupe by item_id).
-            if pair["item_id"] in pair_ids:
-                result.duplicates_removed += 1
-                return
-            pair_ids.add(pair["item_id"])
-            chosen[pair["chosen"]["kind"] if pair.get("chosen") else "none"] += 1
-            if pair.get("chosen"):
-                recent_rewards.append(pair["chosen"]["total"])
-
-        def on_weights(announcement: dict) -> None:
-            if announcement.get("run_name") == cfg.run_name:
-                result.policy_versions.append(announcement["version"])
-                if result.first_update_s is None:
-                    result.first_update_s = round(time.monotonic() - started, 1)
-
-        callbacks = {FINAL_TOPIC: on_pair, T.WEIGHTS: on_weights}
-        for topic in (*STATUS_TOPICS, T.DEADLETTER, T.WEIGHTS):
-            tails[topic] = TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions,
-                                     on_record=callbacks.get(topic), id_field="item_id" if topic != T.DOCUMENTS else None,
-                                     client=client_settings(cfg.bus))
+    # --- follow: admit documents, read progress, restart crashed children, until done ---
+    def follow(self, documents: list[dict]) -> str:
+        """Returns why it stopped: `finished` or `max_items` (raises on a timeout or too many crashes)."""
+        cfg, result, progress = self.cfg, self.result, self.progress
+        assert progress is not None and self.bootstrap is not None
+        limit = items_in_flight_limit(cfg)
+        result.max_items_in_flight = limit
+        admission = Admission(cfg, self.bootstrap, documents, limit)
+        admission.admit(progress, split_done=False)
+        more = "" if admission.done else (f" of {len(documents)} (the rest as the learner keeps up: at most {limit} "
+                                          "items in flight, local.max_items_in_flight)")
+        print(f"ingested {result.ingested} documents{more}; stages: {' → '.join(PIPELINE)}", flush=True)
         deadline = time.monotonic() + cfg.local.timeout_s
-        sampler = MemorySampler()
-
-        def run_pids() -> list[int]:
-            pids = [os.getpid(), *(child.proc.pid for child in children if child.proc is not None)]
-            return pids + ([broker.process.pid] if broker is not None and broker.process is not None else [])
-        interactive = sys.stdout.isatty()
-        last_line = ""
+        sampler, interactive, last_line = MemorySampler(), sys.stdout.isatty(), ""
         while True:
-            # Order matters: check that split committed everything *before* reading its output, since
-            # split commits only after its items are acknowledged, the poll below then sees them all.
-            tails[T.DOCUMENTS].poll(0.05)
-            split_done = tails[T.DOCUMENTS].count >= result.ingested and tails[T.DOCUMENTS].committed_by(
-                f"{cfg.bus.group_prefix}.{PIPELINE[0]}")
-            # Downstream topics first: an item counted downstream is then always counted upstream too, so
-            # no stage shows a negative backlog.
-            # Short waits: an idle topic costs 50 ms, so a status round takes about a second and
-            # --max-items stops the run close to its bound.
-            for tail in reversed(list(tails.values())):
-                tail.poll(0.05)
-            result.items = len(tails[T.PREFIXES].ids)
-            result.completed = len(pair_ids)
-            result.deadlettered = tails[T.DEADLETTER].count
-            sampler.sample(run_pids())
+            split_done = progress.poll()
+            if admission.admit(progress, split_done):
+                continue  # new documents: split is no longer done
+            sampler.sample(self._pids())
             result.peak_total_rss_mb = round(sampler.peak_rss_mb, 1)
             result.peak_total_pss_mb = round(sampler.peak_pss_mb, 1)
-            line = status_line(tails, result, chosen, recent_rewards)
+            line = status_line(progress)
             if line != last_line:
                 print(("\r" + line[:200]) if interactive else line, end="" if interactive else "\n", flush=True)
                 last_line = line
-
-            if split_done and result.completed + result.deadlettered >= result.items:
+            if admission.done and split_done and result.completed + result.deadlettered >= result.items:
+                stopped_by = "finished"
                 break
             if cfg.local.max_items is not None and result.completed >= cfg.local.max_items:
-                log.info("stopping at local.max_items", max_items=cfg.local.max_items)
+                self.log.info("stopping at local.max_items", max_items=cfg.local.max_items)
+                stopped_by = "max_items"
                 break
-            for child in children:
-                code = child.crashed()
-                if code is None or child.finished:
-                    continue
-                if code == 0:  # e.g. the learner reached learner.max_steps: done, not crashed
-                    child.finished = True
-                    log.info("process finished", worker=child.name)
-                    continue
-                if child.restarts >= cfg.local.max_restarts:
-                    raise UserError(f"worker {child.name} exited with code {code} {child.restarts + 1} times; "
-                                    f"last lines of {child.log_path}: {child.tail()}")
-                child.restarts += 1
-                log.warning("worker crashed; restarting", worker=child.name, exit_code=code, restarts=child.restarts)
-                child.start()
+            self._restart_crashed()
             if time.monotonic() > deadline:
                 raise UserError(f"run timed out after {cfg.local.timeout_s:.0f}s with {result.completed}/{result.items} "
                                 "items done (raise local.timeout_s or lower local.max_documents)")
             time.sleep(0.5)
         if interactive:
             print(flush=True)
-        # The pipeline is done: stop its workers, then the learner, which publishes its last weights.
-        for child in children:
-            peak = child.peak_rss_mb()
-            if peak is not None:
-                result.peak_rss_mb[child.name] = round(peak, 1)
-            result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
-        tails[T.WEIGHTS].poll(2.0)
-        # The record of the run: topic ranges + the learner's manifest, for `sipstream replay`.
-        ephemeral = broker is not None and cfg.bus.embedded.storage.startswith("memory://")
+        return stopped_by
+
+    def _pids(self) -> list[int]:
+        pids = [os.getpid(), *(child.proc.pid for child in self.children if child.proc is not None)]
+        return pids + ([self.broker.process.pid] if self.broker is not None and self.broker.process is not None else [])
+
+    def _restart_crashed(self) -> None:
+        for child in self.children:
+            code = child.crashed()
+            if code is None or child.finished:
+                continue
+            if code == 0:  # e.g. the learner reached learner.max_steps: done, not crashed
+                child.finished = True
+                self.log.info("process finished", worker=child.name)
+                continue
+            if child.restarts >= self.cfg.local.max_restarts:
+                raise UserError(f"worker {child.name} exited with code {code} {child.restarts + 1} times; "
+                                f"last lines of {child.log_path}: {child.tail()}")
+            child.restarts += 1
+            self.log.warning("worker crashed; restarting", worker=child.name, exit_code=code, restarts=child.restarts)
+            child.start()
+
+    # --- stop: every child at once; then the record (manifest, archive) while the broker holds the topics ---
+    def stop(self) -> None:
+        result, hurry = self.result, threading.Event()
+        with second_interrupt_hurries(hurry):
+            if result.stopped_by == "interrupt":
+                print("\ninterrupted: stopping the workers and the learner (its final publish and checkpoint); "
+                      "Ctrl-C again kills them now", flush=True)
+            for child in self.children:
+                peak = child.peak_rss_mb()
+                if peak is not None:
+                    result.peak_rss_mb[child.name] = round(peak, 1)
+            outcome = stop_children(self.children, {"learner": self.cfg.local.learner_stop_timeout_s},
+                                    self.cfg.local.stop_timeout_s, hurry)
+            result.exit_codes.update(outcome.exit_codes)
+            result.killed.update(outcome.killed)
+            for name, why in outcome.killed.items():
+                self.log.warning("child killed at the stop", worker=name, why=why)
+            for child in self.children:
+                result.restarts[child.name] = child.restarts
+            try:
+                self._account_pairs()
+                self._record()
+            except Exception as error:  # the run's own error (if any) is the one to raise
+                self.log.error("could not write the run's record", error=repr(error)[:500])
+                if result.stopped_by != "error":
+                    raise
+            finally:
+                if self.progress is not None:
+                    self.progress.close()
+                if self.broker is not None:
+                    self.broker.stop()
+
+    def _account_pairs(self) -> None:
+        """Pairs judged, trained and dropped, from the learner's final counters: its manifest (written at
+        its orderly stop), else its last sip.metrics record."""
+        progress = self.progress
+        if progress is None:
+            return
+        deadline = time.monotonic() + 3.0  # the last pairs, weights and metrics the children produced
+        while time.monotonic() < deadline and sum(progress.tails[t].poll(0.3) for t in (T.PAIRS, T.WEIGHTS, T.METRICS)):
+            pass
+        counters = None
+        learner_manifest = self.run_dir / self.cfg.run_name / MANIFEST_NAME
+        if learner_manifest.is_file():
+            recorded = json.loads(learner_manifest.read_text())
+            if recorded.get("status") == "finished":  # else its last metrics are newer than its last checkpoint
+                counters = recorded.get("counters")
+        self.result.pairs = progress.pairs_summary(counters)
+        self.result.chosen_by_kind = dict(progress.chosen)
+
+    def _record(self) -> None:
+        """manifest.json (every topic's range, who produced and consumed it, the models' sha256) and, for an
+        in-memory broker, which forgets everything when it stops, an archive of every topic a stage or
+        the learner reads (`sipstream replay` puts them back), and the metrics and dead letters `sipstream
+        report` draws from."""
+        if self.bootstrap is None:
+            return
+        cfg, run_dir = self.cfg, self.run_dir
+        ephemeral = self.broker is not None and cfg.bus.embedded.storage.startswith("memory://")
         # CPU float sums depend on the thread count: a bit-identical replay of the learner uses its count.
-        threads = learner.env.get("OMP_NUM_THREADS") if learner.env else None
-        pipeline_manifest(run_dir, cfg, bootstrap, begin, stages=PIPELINE, ephemeral=ephemeral,
-                          archive=ARCHIVE_DIR if ephemeral else None,
-                          extra={"threads": {"learner": int(threads)}} if threads and threads.isdigit() else None)
+        threads = self.children[-1].env.get("OMP_NUM_THREADS") if self.children and self.children[-1].env else None
+        status = {"finished": "finished", "max_items": "finished", "interrupt": "interrupted"}.get(
+            self.result.stopped_by, "failed")
+        extra: dict[str, Any] = {"status": status}
+        if threads and threads.isdigit():
+            extra["threads"] = {"learner": int(threads)}
+        pipeline_manifest(run_dir, cfg, self.bootstrap, self.begin, stages=PIPELINE, ephemeral=ephemeral,
+                          archive=ARCHIVE_DIR if ephemeral else None, extra=extra)
         if ephemeral:
-            # An in-memory broker forgets everything when it stops: archive every topic a stage or the
-            # learner reads (`sipstream replay` puts them back), and the metrics and dead letters
-            # `sipstream report` draws from.
             for topic in T.CORE_TOPICS:
-                export_topic(topic, run_dir, str(run_dir / ARCHIVE_DIR), bootstrap=bootstrap)
+                export_topic(topic, run_dir, str(run_dir / ARCHIVE_DIR), bootstrap=self.bootstrap)
+
+
+def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[str] | None = None) -> LocalRunResult:
+    """Run the loop until every ingested document's items reached `sip.pairs` (or dead letters).
+
+    Ctrl-C / SIGTERM stops it the same way and writes the same record, then raises KeyboardInterrupt
+    (the CLI exits with 130). Children are started from the calling thread (see `_Spawner`)."""
+    process_groups(cfg)  # a bad local.colocate fails before anything starts
+    documents = load_documents(cfg, documents, sources)
+    run_dir = new_run_dir(cfg)
+    result = LocalRunResult(run_dir=str(run_dir))
+    started = time.monotonic()
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = terminate_as_interrupt()  # `kill`, `timeout`, `docker stop`: the Ctrl-C stop
+    run = LocalRun(cfg, run_dir, result)
+    try:
+        run.start()
+        result.stopped_by = run.follow(documents)
+    except KeyboardInterrupt:
+        result.stopped_by = "interrupt"
+        raise
+    except BaseException:
+        result.stopped_by = "error"
+        raise
     finally:
-        for child in children:
-            if child.name not in result.exit_codes:
-                result.exit_codes[child.name] = child.stop()  # type: ignore[assignment]
-            result.restarts[child.name] = child.restarts
-        for tail in tails.values():
-            tail.close()
-        if broker is not None:
-            broker.stop()
-        if previous_sigterm is not None:  # a caller in this process gets its own handler back
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        result.chosen_by_kind = dict(chosen)
-        result.seconds = time.monotonic() - started
-        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
-    log.info("run finished", **{k: v for k, v in asdict(result).items() if k != "run_dir"})
+        try:
+            run.stop()
+        finally:
+            if previous_sigterm is not None:  # a caller in this process gets its own handler back
+                signal.signal(signal.SIGTERM, previous_sigterm)
+            result.seconds = time.monotonic() - started
+            (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2))
+            print_summary(result)
+    return result
+
+
+def print_summary(result: LocalRunResult) -> None:
+    get_logger(component="run").info("run finished", **{k: v for k, v in asdict(result).items() if k != "run_dir"})
     first_update = "—" if result.first_update_s is None else f"{result.first_update_s:.0f}s"
+    pairs = result.pairs
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(pairs.get("dropped", {}).items())) or "none"
+    head = "interrupted" if result.stopped_by == "interrupt" else "done"
     print(
-        f"done: {result.ingested} documents → {result.items} items; {result.completed} reached {FINAL_TOPIC}, "
-        f"{result.deadlettered} dead-lettered; policy versions published: {len(result.policy_versions)}; "
+        f"{head}: {result.ingested} documents → {result.items} items; {result.completed} reached {FINAL_TOPIC}, "
+        f"{result.deadlettered} dead-lettered; pairs judged {pairs.get('judged', 0)}, trained {pairs.get('trained', 0)}, "
+        f"dropped: {dropped}; policy versions published: {len(result.policy_versions)}; "
         f"{result.seconds:.1f}s; first update after {first_update}; peak memory {result.peak_total_pss_mb / 1024:.1f} GiB "
-        f"(PSS; RSS {result.peak_total_rss_mb / 1024:.1f} GiB) (summary in {run_dir}/summary.json)",
+        f"(PSS; RSS {result.peak_total_rss_mb / 1024:.1f} GiB) (summary in {result.run_dir}/summary.json)",
         flush=True,
     )
-    return result
+    if result.killed:
+        print(f"killed at the stop: {', '.join(f'{name} ({why})' for name, why in result.killed.items())}", flush=True)
