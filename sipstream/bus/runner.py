@@ -225,7 +225,10 @@ class StageRunner:
         t0 = time.perf_counter()
         produced = 0
         for msg, item, outcome in zip(sources, items, self._process(items, sources), strict=True):
-            failure = outcome if isinstance(outcome, Rejected) else self._produce_outputs(msg, outcome)
+            if isinstance(outcome, Rejected):
+                self._deadletter(msg, outcome, item)
+                continue
+            failure = self._produce_outputs(msg, outcome)
             if failure is not None:
                 self._deadletter(msg, failure, item)
                 continue
@@ -296,7 +299,9 @@ class StageRunner:
         bad = self._check_outputs(outputs)
         if bad is not None:
             return bad
-        topic: str = self.stage.output_topic  # type: ignore[assignment] - checked: no topic, no outputs
+        topic = self.stage.output_topic
+        if topic is None or not outputs:  # no output topic: _check_outputs made sure there are no outputs
+            return None
         limit = self.cfg.runner.max_record_bytes
         try:
             encoded = [self._encode(topic, out) for out in outputs]

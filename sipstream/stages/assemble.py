@@ -21,8 +21,9 @@ from sipstream.config import Config, PairsConfig
 def candidate_texts(item: Rollouts) -> dict[tuple[CandidateKind, int], str]:
     """(kind, index) → text, in a fixed order: original, rewrite, rollouts."""
     texts: dict[tuple[CandidateKind, int], str] = {("original", 0): item["suffix"]}
-    if item.get("rewrite") is not None:
-        texts[("rewrite", 0)] = item["rewrite"]
+    rewrite = item.get("rewrite")
+    if rewrite is not None:
+        texts[("rewrite", 0)] = rewrite
     for i, rollout in enumerate(item.get("rollouts", [])):
         texts[("rollout", i)] = rollout
     return texts
