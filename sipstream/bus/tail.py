@@ -58,10 +58,12 @@ class TopicTail:
                 self.next_offsets[msg.partition()] = msg.offset() + 1
                 if self.on_record is None and self.id_field is None:
                     continue
+                # Not decode_record: a tail counts progress and shows records, it validates nothing and must
+                # count every record (a dead letter, a foreign one), so anything that is not JSON is just counted.
                 try:
                     value = json.loads(msg.value())
-                except ValueError:
-                    continue  # not JSON: counted, not interpreted
+                except (ValueError, TypeError):
+                    continue  # not JSON (or a tombstone): counted, not interpreted
                 if self.id_field is not None and isinstance(value, dict) and self.id_field in value:
                     self.ids.add(str(value[self.id_field]))
                 if self.on_record is not None:
