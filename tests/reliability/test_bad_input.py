@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sipstream.bus import topics as T
 from sipstream.bus.tail import TopicTail
 
-HUGE = 10 * 1024 * 1024 + 1024  # just over the 10 MiB default limits
+HUGE = 10 * 1024 * 1024 + 1024  # just over ingest's 10 MiB default limit (ten times the runner's 1 MB)
 BIG_TEXT = 600 * 1024  # under the limits: a prefix this long must be processed, not choke the stage
 PEAK_GROWTH_LIMIT_MB = 250
 # A model stage's own working memory comes on top: one scoring pass holds at most 128 MiB of logits
