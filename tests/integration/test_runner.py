@@ -191,3 +191,48 @@ def test_a_raised_record_limit_reaches_the_producer(bus) -> None:  # noqa: ANN00
     assert stats.counters["processed"] == 1 and stats.counters["deadlettered"] == 0
     (echoed,) = bus.values(T.ECHO, expect=1)
     assert len(echoed["text"]) == 5_200_000
+
+
+class ControlledEcho(EchoStage):
+    """Echo that also follows sip.weights and records what it is handed."""
+
+    control_topics = (T.WEIGHTS,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: list[dict] = []
+
+    def on_control(self, topic, value):  # noqa: ANN001, ANN201
+        self.handed.append(value)
+
+
+def test_control_records_are_decoded_by_the_one_decode_path(bus) -> None:  # noqa: ANN001
+    """A control record that is not JSON, not UTF-8 or off its schema is counted and ignored, never handed on."""
+    valid = {"run_name": "r", "version": 1, "uri": "file:///w.safetensors", "sha256": "a" * 64, "step": 1,
+             "created_at": "2026-12-02T12:00:00Z"}
+    bus.produce(T.WEIGHTS, [b"{not json", b"\xff\xfe", {**valid, "version": "1"}, valid], key="r")
+    bus.produce(T.DOCUMENTS, [{"doc_id": "d", "text": "x", "source": "t"}])
+    stage = ControlledEcho()
+    runner = StageRunner(stage, bus.cfg, bus.bootstrap)
+    runner.run(until=lambda s: s.counters["consumed"] >= 1 and len(stage.handed) + s.counters["control_invalid"] >= 4)
+    assert stage.handed == [valid] and runner.stats.counters["control_invalid"] == 3
+
+
+def test_an_output_the_broker_refuses_for_its_size_dead_letters_its_record(bus) -> None:  # noqa: ANN001
+    """A cluster whose topic limit is under runner.max_record_bytes refuses the output in its delivery report.
+    The embedded broker enforces no size limit, so the report librdkafka would deliver is handed to the runner's
+    delivery callback: the source record is dead-lettered (output_too_large), the batch is not failed."""
+    from confluent_kafka import KafkaError
+
+    bus.produce(T.DOCUMENTS, [{"doc_id": "refused", "text": "x", "source": "t"}])
+    (source,) = bus.read(T.DOCUMENTS, expect=1)
+    runner = StageRunner(EchoStage(), bus.cfg, bus.bootstrap)
+    try:
+        runner.stats.counters["processed"] += 1  # as _handle_batch counted it before the report came
+        runner._on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None, source=source)
+        assert runner._await_acknowledgements() == 1
+    finally:
+        runner._shutdown()
+    (dead,) = bus.values(T.DEADLETTER, expect=1)
+    assert dead["error"] == "output_too_large" and "broker refused" in dead["reason"] and dead["offset"] == source.offset()
+    assert runner.stats.counters["processed"] == 0 and runner.stats.counters["deadlettered"] == 1
