@@ -127,6 +127,7 @@ def test_prometheus_scrapes_every_model_stage(services: dict) -> None:
 def test_env_example_covers_every_required_variable() -> None:
     text = BASE.read_text(encoding="utf-8")
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
+    assert required, "no ${VAR:?} in the compose file: the pattern no longer matches its syntax"
     example = (COMPOSE_DIR / ".env.example").read_text(encoding="utf-8")
     for name in required:
         assert re.search(rf"^{name}=", example, re.MULTILINE), f"{name} is required by the compose file but not in .env.example"

@@ -63,7 +63,9 @@ def test_logit_scores_are_probabilities_and_pairwise_cost_is_reported(tiny_model
 def test_weights_shape_the_total(tiny_model):
     spec = JudgeSpec(weights=CriterionWeights(quality=2.0, safety=0.0, factuality=0.5),
                      unsafe_never_outranks_safe=False)
-    for scores in Judge(tiny_model, spec).score(PREFIX, ORIGINAL, CANDIDATES[:2]).scores:
+    result = Judge(tiny_model, spec).score(PREFIX, ORIGINAL, CANDIDATES[:2])
+    assert len(result.scores) == 2  # one per candidate, so the loop below checks something
+    for scores in result.scores:
         assert scores.total == pytest.approx(2.0 * scores.quality + 0.5 * scores.factuality)
 
 
@@ -81,6 +83,7 @@ def test_batched_items_equal_items_judged_alone(tiny_model):
     ]
     together = judge.score_many(requests)
     alone = [judge.score_many([request])[0] for request in requests]
+    assert [len(r.scores) for r in together] == [len(r.scores) for r in alone] == [3, 2]
     for batched, single in zip(together, alone):
         for a, b in zip(batched.scores, single.scores):
             assert a.total == pytest.approx(b.total, abs=1e-5)
