@@ -1,7 +1,6 @@
-"""Command line of replay: `sipstream replay learner|stage` (this sub-app) and the `export` / `import`
-commands (functions the main CLI registers). Each parses options and calls one function of
-`sipstream.replay.run` or `sipstream.replay.export`; user errors are `UserError`s, printed as one line by
-`sipstream.cli.main`.
+"""Commands on recorded runs: `replay learner|stage` (the `replay` sub-app), `export` and `import`. Each
+parses options and calls one function of `sipstream.replay.run` or `sipstream.replay.export`; user errors
+are `UserError`s, printed as one line by `sipstream.cli.main`.
 """
 
 from __future__ import annotations
@@ -11,37 +10,17 @@ from typing import Annotated
 
 import typer
 
-from sipstream.config import LoggingConfig, load_config
+from sipstream.cli.app import BootstrapOpt, ConfigOpt, OutOpt, RunOpt, SetOpt, app, default_logging, load
+from sipstream.config import load_config
 from sipstream.errors import UserError
 from sipstream.replay.export import export_topic, import_export, read_export
 from sipstream.replay.run import replay_learner, replay_stage
-from sipstream.telemetry.logs import configure_logging
 
-app = typer.Typer(help="Re-run recorded runs from the topics: the learner, or one stage.", no_args_is_help=True)
-
-RunOpt = Annotated[Path, typer.Option("--run", help="Run directory holding manifest.json (of `sipstream learner` or `sipstream run`).")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a field of the recorded config, e.g. --set learner.lr=1e-5 (repeatable).",
-                 show_default=False),
-]
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option("--bootstrap-servers", "--bootstrap", "-b",
-                 help="Kafka bootstrap servers (default: the ones the run recorded).", show_default=False),
-]
-OutOpt = Annotated[
-    Path | None,
-    typer.Option("--out", help="Parent folder of the new run directory (default: next to the original).", show_default=False),
-]
+replay_app = typer.Typer(help="Re-run recorded runs from the topics: the learner, or one stage.", no_args_is_help=True)
+app.add_typer(replay_app, name="replay")
 
 
-def _logging() -> None:
-
-    configure_logging(LoggingConfig())
-
-
-@app.command("learner")
+@replay_app.command("learner")
 def learner(
     run: Annotated[
         Path | None, typer.Option("--run", help="Run directory holding manifest.json (of `sipstream learner` or "
@@ -76,7 +55,7 @@ def learner(
     if run is not None and config is not None:
         raise UserError("--config is for --from-offsets without --run; a run replays with its recorded config "
                         "(change fields with --set)")
-    _logging()
+    default_logging()
     cfg = None
     if run is None:
 
@@ -99,7 +78,7 @@ def learner(
         typer.echo(f"original ({result.original_algo}): {result.original_sha256}")
 
 
-@app.command("stage")
+@replay_app.command("stage")
 def stage(
     name: Annotated[str, typer.Argument(help="Stage to re-run: split, rewrite, rollout, judge, assemble (or echo).")],
     run: RunOpt,
@@ -113,7 +92,7 @@ def stage(
     A default `sipstream run` (in-memory broker, gone with the run) replays from its RUN_DIR/export/ archive,
     on --bootstrap-servers or on an embedded broker started for the replay."""
 
-    _logging()
+    default_logging()
     result = replay_stage(name, run, bootstrap=bootstrap_servers, overrides=sets or [], out_dir=out, timeout_s=timeout)
     typer.echo(f"stage {name}: {result.input_records} records in → {result.output_records} out, "
                f"{result.deadlettered} dead-lettered; topics under prefix {result.topic_prefix}; manifest in {result.run_dir}")
@@ -121,6 +100,7 @@ def stage(
         typer.echo(f"the replay ran on its own in-memory broker; its topics are archived in {result.archive}")
 
 
+@app.command("export")
 def export_command(
     topic: Annotated[str, typer.Argument(help="Topic as specified in topics/, e.g. sip.pairs.")],
     run: RunOpt,
@@ -130,17 +110,15 @@ def export_command(
 ) -> None:
     """Write the range of TOPIC a run recorded to files (with the run's manifest), for archive or another cluster."""
 
-    _logging()
+    default_logging()
     entry = export_topic(topic, run, to, fmt=fmt, bootstrap=bootstrap_servers)  # type: ignore[arg-type]
     typer.echo(f"exported {entry['records']} records of {topic} to {to} ({len(entry['files'])} file(s), {fmt})")
 
 
+@app.command("import")
 def import_command(
     source: Annotated[str, typer.Argument(help="Folder or fsspec URI written by `sipstream export`.")],
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML config of the target (its bus and topic prefix).",
-                                     show_default=False)
-    ] = None,
+    config: ConfigOpt = None,
     sets: SetOpt = None,
     bootstrap_servers: BootstrapOpt = None,
     run_dir: Annotated[
@@ -151,7 +129,6 @@ def import_command(
     """Put exported records back on a bus and write a run directory whose offsets point at them."""
 
     read_export(source)  # a wrong folder is the error to report, whether or not a broker runs
-    _logging()
-    cfg = load_config(config, [*(sets or []), *([f"bus.bootstrap_servers={bootstrap_servers}"] if bootstrap_servers else [])])
+    cfg = load(config, sets, bootstrap_servers)  # the target's bus and topic prefix
     out = import_export(source, cfg, run_dir=run_dir)  # finds the broker after reading the export
     typer.echo(f"imported {source}; replay it with: sipstream replay learner --run {out}")

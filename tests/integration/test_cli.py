@@ -74,6 +74,22 @@ def test_a_config_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path, conte
     assert f"config file {path} is not UTF-8 text" in result.stderr
 
 
+def test_python_m_sipstream_learner_is_the_learner_command() -> None:
+    """torchrun launches `python -m sipstream.learner`: the same options and errors as `sipstream learner`."""
+    module = subprocess.run([sys.executable, "-m", "sipstream.learner", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert module.returncode == 0, module.stderr
+    assert module.stdout == sipstream("learner", "--help").stdout
+    for option in ("--config", "--set", "--bootstrap-servers", "--algo", "--max-steps", "--idle-timeout"):
+        assert option in module.stdout
+    # `--bootstrap` (as deploy/ and older scripts write it) is accepted; the config is checked before any broker.
+    failed = subprocess.run([sys.executable, "-m", "sipstream.learner", "--bootstrap", "127.0.0.1:1",
+                             "--set=learner.algo=ppo"], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
+    assert "learner.algo: Input should be 'dpo', 'nll' or 'pretrain'" in failed.stderr
+
+
 def test_config_show_prints_the_resolved_config() -> None:
     result = sipstream("config", "--set", "rollout.rollouts=16", env={"SIPSTREAM_RUNNER__BATCH_SIZE": "3"})
     assert result.returncode == 0, result.stderr

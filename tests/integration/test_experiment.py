@@ -9,7 +9,10 @@ import json
 import pytest
 
 from sipstream.eval.heldout import is_heldout
-from sipstream.experiment.run import load_experiment, mean_interval, mixed_documents, run_experiment
+from sipstream.experiment.config import load_experiment
+from sipstream.experiment.run import run_experiment
+from sipstream.experiment.stream import mixed_documents
+from sipstream.experiment.summary import mean_interval
 from sipstream.runs.consumption import read_log
 
 
@@ -59,7 +62,7 @@ def test_a_smoke_experiment_trains_every_arm_on_the_same_pairs_and_evaluates_the
     summary = results["summary"]
     assert summary["vs_start"]["dpo"]["win rate"]["n"] == 2 and summary["vs_start"]["dpo"]["win rate"]["ci95"]
     # Against pretrain: every metric, not only the win rate, and win rates pooled over every prompt of every seed.
-    from sipstream.experiment.run import METRICS
+    from sipstream.experiment.summary import METRICS
 
     assert set(summary["vs_pretrain"]) == {"nll", "dpo"}
     assert set(summary["vs_pretrain"]["dpo"]) == {label for label, _, _ in METRICS}
@@ -100,6 +103,12 @@ def test_a_bad_experiment_config_is_one_clear_error(tmp_path) -> None:
         load_experiment(path)
     with pytest.raises(UserError, match="not found"):
         load_experiment(tmp_path / "missing.yaml")
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_experiment(path)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        load_experiment(path)
 
 
 @pytest.mark.slow

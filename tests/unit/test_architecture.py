@@ -26,7 +26,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("sipstream.ops",),
     ("sipstream.experiment",),
     ("sipstream.report",),
-    ("sipstream.cli", "sipstream.__main__"),
+    # Entry points: `python -m sipstream`, and `python -m sipstream.learner` (what torchrun launches), a shim
+    # over the `sipstream learner` command.
+    ("sipstream.cli", "sipstream.__main__", "sipstream.learner.__main__"),
 ]
 
 

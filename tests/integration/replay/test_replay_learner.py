@@ -99,19 +99,14 @@ def test_export_import_into_a_fresh_broker_then_replay_is_identical(original, tm
         assert result.identical and result.steps == 5
 
 
-def test_the_cli_replays_and_exports_as_the_main_app_will_mount_it(original, tmp_path, request) -> None:
-    import typer
+def test_the_cli_replays_and_exports(original, tmp_path, request) -> None:
     from typer.testing import CliRunner
 
-    from sipstream.cli import replay as replay_cli
+    from sipstream.cli import app
     from sipstream.config import LoggingConfig
     from sipstream.errors import UserError
     from sipstream.telemetry.logs import configure_logging
 
-    app = typer.Typer()  # as sipstream.cli wires it: `replay` sub-app, `export` and `import` commands
-    app.add_typer(replay_cli.app, name="replay")
-    app.command("export")(replay_cli.export_command)
-    app.command("import")(replay_cli.import_command)
     _, run_dir = original
     runner = CliRunner()
     request.addfinalizer(lambda: configure_logging(LoggingConfig()))  # the commands log to CliRunner's stderr
