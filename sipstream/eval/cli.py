@@ -1,4 +1,4 @@
-"""Command-line helpers of `sipstream eval` (the command itself is in `sipstream/cli/__init__.py`): eval settings
+"""Command-line helpers of `sipstream eval` (the command itself is in `sipstream/cli/evaluate.py`): eval settings
 from ``--set eval.*``, and which run config an eval uses."""
 
 from __future__ import annotations
