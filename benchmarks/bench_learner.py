@@ -80,7 +80,7 @@ def bare_loop(model, batches: list[list], optimizer) -> int:
 
 def learner_loop(policy, cfg, batches: list[list]) -> int:
     """The learner's loss and step phases, as `run_learner` calls them; returns the tokens trained on."""
-    from sipstream.learner.loop import accumulate_gradients, optimizer_step, step_weight
+    from sipstream.learner.policy import accumulate_gradients, optimizer_step, step_weight
     from sipstream.learner.losses import ALGOS
 
     from torch.profiler import record_function
@@ -115,7 +115,7 @@ def build_sides(args: argparse.Namespace) -> Sides:
     import copy
 
     from sipstream.config.learner import LearnerConfig
-    from sipstream.learner.loop import build_policy
+    from sipstream.learner.policy import build_policy
     from sipstream.learner.sequences import encode_example
     from sipstream.config.models import ModelSpec
 

@@ -31,7 +31,7 @@ def with_default_adamw(policy: Any, cfg: Any) -> Any:
 
     import torch
 
-    from sipstream.learner.loop import lr_factor
+    from sipstream.learner.policy import lr_factor
 
     model = copy.deepcopy(policy.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)

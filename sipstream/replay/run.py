@@ -47,7 +47,8 @@ from sipstream.bus.fetch import RecordFetcher, require_topics
 from sipstream.bus.runner import StageRunner
 from sipstream.config import apply_overrides, merged
 from sipstream.errors import UserError
-from sipstream.learner.loop import PairReader, run_learner
+from sipstream.learner.loop import run_learner
+from sipstream.learner.reader import PairReader
 from sipstream.replay.export import (
     export_topic,
     put_back,

@@ -50,7 +50,7 @@ def test_cli_without_config_evaluates_a_smoke_run_against_its_own_start(smoke_ru
 def test_start_is_the_weights_the_runs_learner_started_from(smoke_run, perturbed_tensors) -> None:
     import torch
 
-    from sipstream.learner.loop import build_policy
+    from sipstream.learner.policy import build_policy
     from sipstream.learner.weights import unique_state_dict
     from sipstream.runs.manifest import tensors_sha256
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -38,3 +42,31 @@ def _make_pair(i: int, *, tag: str = "p", policy_version: int = 0, tie: bool = F
 def make_pair():
     """Builds a valid sip.pairs record: make_pair(i, tag=, policy_version=, tie=)."""
     return _make_pair
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _start_learner(tiny_cfg, group: str, run_name: str, tmp_path: Path, log: Path, **learner: Any) -> subprocess.Popen:
+    """`python -m sipstream.learner` on the tiny policy (the kill -9 tests' settings; `learner` overrides
+    `learner.*` settings, e.g. `checkpoint_every=1000`)."""
+    settings = {
+        "bus.topic_prefix": tiny_cfg.bus.topic_prefix, "bus.group_prefix": group, "run_name": run_name,
+        "run_dir": str(tmp_path / "runs"), "models.policy.source": "tiny-gpt2",
+        "models.policy.cache_dir": str(tiny_cfg.models.policy.cache_dir), "models.policy.device": "cpu",
+        "models.policy.max_prompt_tokens": 64, "runner.metrics_interval_s": 1,
+        "learner.algo": "dpo", "learner.device": "cpu", "learner.lr": 0.001, "learner.batch_pairs": 2,
+        "learner.max_steps": 12, "learner.sync_every": 3, "learner.checkpoint_every": 2,
+        "learner.max_policy_lag": 100, "learner.poll_timeout_s": 0.2,
+        **{f"learner.{k}": v for k, v in learner.items()},
+    }
+    args = [f"--set={k}={v}" for k, v in settings.items()]
+    return subprocess.Popen([sys.executable, "-m", "sipstream.learner", "--bootstrap", tiny_cfg.bus.bootstrap_servers, *args],
+                            cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def start_learner():
+    """start_learner(tiny_cfg, group, run_name, tmp_path, log, **learner) -> Popen of `python -m sipstream.learner`."""
+    return _start_learner

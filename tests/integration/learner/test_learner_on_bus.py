@@ -5,10 +5,7 @@ exactly after kill -9."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +15,6 @@ import torch
 from sipstream.bus import topics as T
 from sipstream.config.learner import LearnerConfig
 from sipstream.learner.loop import run_learner
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def learner_cfg(tmp_path: Path, **overrides) -> LearnerConfig:
@@ -119,22 +114,6 @@ def test_weights_to_s3_and_a_worker_loads_them(bus, tiny_cfg, tmp_path, make_pai
 # --------------------------------------------------------------------------- kill -9 and exact resume
 
 
-def start_learner(tiny_cfg, group: str, run_name: str, tmp_path: Path, log: Path) -> subprocess.Popen:
-    settings = {
-        "bus.topic_prefix": tiny_cfg.bus.topic_prefix, "bus.group_prefix": group, "run_name": run_name,
-        "run_dir": str(tmp_path / "runs"), "models.policy.source": "tiny-gpt2",
-        "models.policy.cache_dir": str(tiny_cfg.models.policy.cache_dir), "models.policy.device": "cpu",
-        "models.policy.max_prompt_tokens": 64, "runner.metrics_interval_s": 1,
-        "learner.algo": "dpo", "learner.device": "cpu", "learner.lr": 0.001, "learner.batch_pairs": 2,
-        "learner.max_steps": 12, "learner.sync_every": 3, "learner.checkpoint_every": 2,
-        "learner.max_policy_lag": 100, "learner.poll_timeout_s": 0.2,
-    }
-    args = [f"--set={k}={v}" for k, v in settings.items()]
-    return subprocess.Popen([sys.executable, "-m", "sipstream.learner", "--bootstrap", tiny_cfg.bus.bootstrap_servers, *args],
-                            cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
 def final_checkpoint(tmp_path: Path, run_name: str) -> dict:
     latest = max((tmp_path / "runs" / run_name / "learner").glob("step-*"))
     return json.loads((latest / "state.json").read_text())
@@ -142,7 +121,7 @@ def final_checkpoint(tmp_path: Path, run_name: str) -> dict:
 
 @pytest.mark.slow
 def test_kill_9_then_restart_trains_every_pair_once_and_ends_with_the_same_weights(bus, tiny_cfg, tmp_path, make_pair,
-                                                                                   figures) -> None:
+                                                                                   figures, start_learner) -> None:
     bus.produce(T.PAIRS, [make_pair(i) for i in range(24)], key="one-partition")  # fixed order
     log = tmp_path / "learner.log"
 

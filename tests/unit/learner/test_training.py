@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sipstream.config.learner import LearnerConfig
-from sipstream.learner.loop import (
+from sipstream.learner.policy import (
     accumulate_gradients,
     build_policy,
     lr_factor,
