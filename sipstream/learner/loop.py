@@ -49,8 +49,19 @@ from sipstream.bus.dedupe import SeenIds
 from sipstream.bus.records import weights_announcement
 from sipstream.config.learner import LearnerConfig
 from sipstream.errors import UserError
-from sipstream.learner.checkpoint import LearnerState, load_latest, save_checkpoint, set_rng_state
-from sipstream.learner.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
+from sipstream.learner.checkpoint import (
+    LearnerState,
+    load_latest,
+    save_checkpoint,
+    set_rng_state,
+)
+from sipstream.learner.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    shutdown,
+)
 from sipstream.learner.losses import ALGOS
 from sipstream.learner.policy import (
     Policy,
@@ -60,9 +71,19 @@ from sipstream.learner.policy import (
     resolve_device,
     step_weight,
 )
-from sipstream.learner.reader import PairReader, StepInput, announced_version, consume_step
+from sipstream.learner.reader import (
+    PairReader,
+    StepInput,
+    announced_version,
+    consume_step,
+)
 from sipstream.learner.record import RunRecord
-from sipstream.learner.weights import WeightStore, config_hash, load_state_into, unique_state_dict
+from sipstream.learner.weights import (
+    WeightStore,
+    config_hash,
+    load_state_into,
+    unique_state_dict,
+)
 from sipstream.runs.manifest import tensors_sha256, tokenizer_sha256
 from sipstream.telemetry.health import start_health_server
 from sipstream.telemetry.logs import get_logger

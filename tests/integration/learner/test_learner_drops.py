@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 
 from sipstream.bus import topics as T
 from sipstream.bus.tail import TopicTail

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sipstream.config.learner import LearnerConfig
+from sipstream.learner.losses import ALGOS
 from sipstream.learner.policy import (
     accumulate_gradients,
     build_policy,
@@ -14,7 +15,6 @@ from sipstream.learner.policy import (
     optimizer_step,
     step_weight,
 )
-from sipstream.learner.losses import ALGOS
 from sipstream.learner.sequences import (
     Example,
     continuation_texts,
