@@ -94,6 +94,8 @@ class LocalRunResult:
     pairs: dict[str, Any] = field(default_factory=dict)
     """judged (distinct items on sip.pairs), trainable (with what the algorithm needs), trained, and
     dropped by reason (tie, stale, duplicate, ..., `not_trained`: judged but not yet trained at the stop)."""
+    stop_seconds: dict[str, float] = field(default_factory=dict)
+    """How long the stop took: `children` (all of them, in parallel) and `record` (manifest and archive)."""
     seconds: float = 0.0
 
 
@@ -611,8 +613,10 @@ class LocalRun:
                 peak = child.peak_rss_mb()
                 if peak is not None:
                     result.peak_rss_mb[child.name] = round(peak, 1)
+            stop_started = time.monotonic()
             outcome = stop_children(self.children, {"learner": self.cfg.local.learner_stop_timeout_s},
                                     self.cfg.local.stop_timeout_s, hurry)
+            result.stop_seconds["children"] = round(time.monotonic() - stop_started, 1)
             result.exit_codes.update(outcome.exit_codes)
             result.killed.update(outcome.killed)
             for name, why in outcome.killed.items():
@@ -621,7 +625,9 @@ class LocalRun:
                 result.restarts[child.name] = child.restarts
             try:
                 self._account_pairs()
+                record_started = time.monotonic()
                 self._record()
+                result.stop_seconds["record"] = round(time.monotonic() - record_started, 1)
             except Exception as error:  # the run's own error (if any) is the one to raise
                 self.log.error("could not write the run's record", error=repr(error)[:500])
                 if result.stopped_by != "error":

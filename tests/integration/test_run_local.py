@@ -183,7 +183,9 @@ def test_two_workers_per_stage_one_of_each_killed_every_item_reaches_pairs_once(
 def test_max_items_bounds_a_run(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
-         "--max-documents", "50", "--max-items", "4", "--max-steps", "1", "--set", f"run_dir={tmp_path}"],
+         "--max-documents", "50", "--max-items", "4", "--max-steps", "1", "--set", f"run_dir={tmp_path}",
+         # Every document at the start (the bound on items in flight would hold most of them back).
+         "--set", "local.max_items_in_flight=unbounded"],
         capture_output=True, text=True, timeout=900, env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -72,7 +72,9 @@ def test_sigterm_mid_run_leaves_a_record_that_replay_accepts(tmp_path: Path) -> 
     assert manifest["status"] == "interrupted" and manifest["archive"] == "export"
     archived = json.loads((run_dir / "export" / "export.json").read_text())["topics"]
     assert set(archived) == set(manifest["topics"]) and archived["sip.pairs"]["records"] > 0
-    assert "learner stopped" in {e.get("event") for e in _events(run_dir / "logs" / "learner.log")}
+    # The learner's orderly stop ran to its end: final checkpoint after its last publication, then "stopped".
+    learner = [e.get("event") for e in _events(run_dir / "logs" / "learner.log")]
+    assert learner[-1] == "learner stopped" and "checkpoint written" in learner[learner.index("weights published"):]
 
     replay = subprocess.run([sys.executable, "-m", "sipstream", "replay", "learner", "--run", str(run_dir)],
                             capture_output=True, text=True, timeout=600, env=env, check=False)
