@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from sipstream.cli.app import BootstrapOpt, ConfigOpt, SetOpt, app, default_logging, load
+from sipstream.cli.app import (
+    BootstrapOpt,
+    ConfigOpt,
+    SetOpt,
+    app,
+    default_logging,
+    load,
+)
 from sipstream.errors import UserError
 from sipstream.eval.cli import eval_config_from_sets, load_eval_config
 from sipstream.eval.report import markdown_table

@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from sipstream.cli.app import BootstrapOpt, ConfigOpt, OutOpt, RunOpt, SetOpt, app, default_logging, load
+from sipstream.cli.app import (
+    BootstrapOpt,
+    ConfigOpt,
+    OutOpt,
+    RunOpt,
+    SetOpt,
+    app,
+    default_logging,
+    load,
+)
 from sipstream.config import load_config
 from sipstream.errors import UserError
 from sipstream.replay.export import export_topic, import_export, read_export

@@ -15,7 +15,7 @@ COMMANDS = [[], ["broker"], ["worker"], ["topics"], ["topics", "create"], ["topi
 
 def sipstream(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sipstream", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "SIPSTREAM_HOME": "/nonexistent", **(env or {})})
+                          check=False, env={**os.environ, "SIPSTREAM_HOME": "/nonexistent", **(env or {})})
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "sipstream")
@@ -77,14 +77,14 @@ def test_a_config_file_that_is_not_utf8_text_is_a_one_line_error(tmp_path, conte
 def test_python_m_sipstream_learner_is_the_learner_command() -> None:
     """torchrun launches `python -m sipstream.learner`: the same options and errors as `sipstream learner`."""
     module = subprocess.run([sys.executable, "-m", "sipstream.learner", "--help"], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert module.returncode == 0, module.stderr
     assert module.stdout == sipstream("learner", "--help").stdout
     for option in ("--config", "--set", "--bootstrap-servers", "--algo", "--max-steps", "--idle-timeout"):
         assert option in module.stdout
     # `--bootstrap` (as deploy/ and older scripts write it) is accepted; the config is checked before any broker.
     failed = subprocess.run([sys.executable, "-m", "sipstream.learner", "--bootstrap", "127.0.0.1:1",
-                             "--set=learner.algo=ppo"], capture_output=True, text=True, timeout=60)
+                             "--set=learner.algo=ppo"], capture_output=True, text=True, timeout=60, check=False)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
     assert "learner.algo: Input should be 'dpo', 'nll' or 'pretrain'" in failed.stderr
