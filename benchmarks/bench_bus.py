@@ -132,7 +132,7 @@ class BusPipeline:
     def _run(self, name: str) -> None:
         try:
             self.runners[name].run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             self.errors.append(exc)
 
     def __enter__(self) -> Self:

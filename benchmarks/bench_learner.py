@@ -80,10 +80,10 @@ def bare_loop(model, batches: list[list], optimizer) -> int:
 
 def learner_loop(policy, cfg, batches: list[list]) -> int:
     """The learner's loss and step phases, as `run_learner` calls them; returns the tokens trained on."""
-    from sipstream.learner.policy import accumulate_gradients, optimizer_step, step_weight
-    from sipstream.learner.losses import ALGOS
-
     from torch.profiler import record_function
+
+    from sipstream.learner.losses import ALGOS
+    from sipstream.learner.policy import accumulate_gradients, optimizer_step, step_weight
 
     algo = ALGOS[cfg.algo]
     for batch in batches:
@@ -115,9 +115,9 @@ def build_sides(args: argparse.Namespace) -> Sides:
     import copy
 
     from sipstream.config.learner import LearnerConfig
+    from sipstream.config.models import ModelSpec
     from sipstream.learner.policy import build_policy
     from sipstream.learner.sequences import encode_example
-    from sipstream.config.models import ModelSpec
 
     spec = ModelSpec(source=args.source, device="cpu", max_prompt_tokens=args.max_seq_tokens)
     cfg = LearnerConfig(algo="pretrain", device="cpu", lr=1e-4, batch_pairs=args.batch, grad_clip=1.0)
@@ -158,8 +158,8 @@ def throughput_rows(args: argparse.Namespace, measured: dict[str, Any]) -> list[
 def latency(args: argparse.Namespace) -> list[tuple[str, str]]:
     import torch
 
-    from sipstream.learner.weights import WeightStore, unique_state_dict
     from sipstream.config.models import ModelSpec
+    from sipstream.learner.weights import WeightStore, unique_state_dict
     from sipstream.models.hf import HFModel
 
     spec = ModelSpec(source=args.latency_source, device="cpu", dtype="float32")

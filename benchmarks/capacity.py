@@ -223,7 +223,7 @@ def render(rows: list[tuple[str, Workload, Hardware, Plan]], cpu: dict[str, floa
         "| scenario | GPU | items/s | candidates | judge calls/item | rollout GPUs | rewrite GPUs | judge GPUs | judge workers | learner GPUs | partitions (prefixes/rewritten/rollouts) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, w, hw, p in rows:
+    for name, _w, hw, p in rows:
         parts = "/".join(str(p.partitions[t]) for t in ("sip.prefixes", "sip.rewritten", "sip.rollouts"))
         out.append(f"| {name} | {hw.gpu} | {p.items_per_s:,.0f} | {p.candidates} | {p.judge_calls_per_item} | "
                    f"{p.rollout_gpus} | {p.rewrite_gpus} | {p.judge_gpus} | {p.judge_workers} | {p.learner_gpus} | {parts} |")

@@ -154,7 +154,7 @@ def build_app(settings: Settings) -> Any:
             # Sync point: every output acknowledged by the broker before take_events acks the events.
             try:
                 await asyncio.gather(*pending)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 # take_events acks its buffered events in a `finally`, even when the body raised, and
                 # faust would then commit them: a failed send would lose the batch. Exit without
                 # committing instead, so the batch is re-delivered (at-least-once).

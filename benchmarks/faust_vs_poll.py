@@ -267,7 +267,7 @@ def deadletters(bootstrap: str, kind: str) -> dict[str, Any]:
     """20 good, a malformed JSON record, a schema-violating record, 20 good — all in partition 0."""
     sc = Scenario(bootstrap, f"dl-{kind}")
     good = docs(40)
-    sc.produce(good[:20] + [b'{"doc_id": "broken", "text": '] + [{"doc_id": "no-text", "source": "bench"}] + good[20:],
+    sc.produce([*good[:20], b'{"doc_id": "broken", "text": ', {"doc_id": "no-text", "source": "bench"}, *good[20:]],
                partition=0)
     w = sc.start(kind, batch_size=16, within=0.2, delay_s=0.0, tag="run")
     try:

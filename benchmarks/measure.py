@@ -52,7 +52,7 @@ def interleaved_best(runs: dict[str, Callable[[], Any]], repeats: int, warmup: i
     for _ in range(warmup):
         for name, run in runs.items():
             results[name] = run()
-    best = {name: math.inf for name in runs}
+    best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):
         for name, run in runs.items():
             started = time.perf_counter()

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(r["stage"] for r in rounds) / max(r["bare"] for r in rounds)
     median = sorted(r["ratio"] for r in rounds)[len(rounds) // 2]
     result = {
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, load average "
                    f"{os.getloadavg()[0]:.2f} at the end, torch {torch.__version__} ({torch.get_num_threads()} threads)",
         "setup": f"policy {cfg.models.policy.source}, {args.items} items × {k} rollouts × up to {cfg.items.suffix_tokens} "

@@ -76,7 +76,7 @@ def run_section(name: str, ctx: Context) -> dict[str, Any]:
     load_before = round(os.getloadavg()[0], 2)
     try:
         section: Section = module.run(ctx)
-    except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others' results
+    except Exception as exc:
         traceback.print_exc()
         return {"title": module.TITLE, "error": f"{type(exc).__name__}: {exc}"}
     section.seconds = time.perf_counter() - started
@@ -119,7 +119,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             value = section["metrics"].get(target["key"], target["value"])
             lines.append(f"| {name} | {target['label']} | {fmt_number(value, '×')} | ≥ {target['goal']}× | "
                          f"{'met' if target['met'] else '**not met**'} |")
-    for name, section in results["sections"].items():
+    for section in results["sections"].values():
         lines += ["", f"## {section['title']}", ""]
         if "skipped" in section:
             lines.append(f"Skipped: {section['skipped']}.")

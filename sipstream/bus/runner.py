@@ -258,7 +258,7 @@ class StageRunner:
             if len(outputs) != len(items):
                 raise RuntimeError(f"process_batch returned {len(outputs)} outputs for {len(items)} items")
             return list(outputs)
-        except Exception as exc:  # noqa: BLE001 - a poison record must not stop the stream
+        except Exception as exc:
             if len(items) > 1:
                 self.log.warning("batch failed, retrying items one by one", error=repr(exc)[:300], items=len(items),
                                  **self._policy_version())
@@ -268,7 +268,7 @@ class StageRunner:
                 with structlog.contextvars.bound_contextvars(**record_fields(msg, item)):
                     try:
                         results.append(self.stage.process_batch([item])[0])
-                    except Exception as item_exc:  # noqa: BLE001
+                    except Exception as item_exc:
                         self.metrics.inc("sipstream_processing_errors_total")
                         results.append(Rejected("process", f"{type(item_exc).__name__}: {item_exc}"[:2000]))
             return results
@@ -474,7 +474,7 @@ class StageRunner:
         try:
             self._maybe_publish_metrics(force=True)
             self.producer.flush(10.0)
-        except Exception as exc:  # noqa: BLE001 - best effort on the way out; offsets decide correctness
+        except Exception as exc:
             self.log.warning("final flush failed", error=repr(exc))
         finally:
             self.consumer.close()  # leaves the group so partitions move on at once

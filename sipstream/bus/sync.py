@@ -90,7 +90,7 @@ def _live_configs(admin, live_name: str, timeout: float) -> dict[str, str] | Non
     resource = ConfigResource(ResourceType.TOPIC, live_name)
     try:
         entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout=timeout)
-    except Exception:  # noqa: BLE001 - a broker that cannot describe configs: compare nothing
+    except Exception:
         return None
     return {k: str(v.value) for k, v in entries.items() if v.value is not None}
 
@@ -210,7 +210,7 @@ def _submit(call: Callable[..., dict[Any, Any]], items: list[tuple[Any, SyncActi
         return
     try:
         futures = call([obj for obj, _ in items], request_timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - e.g. the broker lacks the API: fail these actions only
+    except Exception as exc:
         for _, action in items:
             action.status, action.error = "failed", _error_text(exc)
         return
@@ -224,7 +224,7 @@ def _settle(future: Any, action: SyncAction, timeout: float) -> None:
     try:
         future.result(timeout=timeout)
         action.status = "done"
-    except Exception as exc:  # noqa: BLE001 - recorded on the action; the caller reports it
+    except Exception as exc:
         err = exc.args[0] if exc.args else None
         if action.kind == "create" and isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
             action.status = "done"  # a concurrent creator won the race

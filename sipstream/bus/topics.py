@@ -113,7 +113,7 @@ class TopicState:
         return self.exists and not self.differences
 
 
-def _admin(bus: BusConfig, bootstrap: str):  # noqa: ANN202 - confluent type
+def _admin(bus: BusConfig, bootstrap: str):
 
 
     return AdminClient(admin_config(bus, bootstrap))
@@ -167,7 +167,7 @@ def describe_topics(bus: BusConfig, bootstrap: str, specs: dict[str, TopicSpec],
             resource = ConfigResource(ResourceType.TOPIC, live_name)
             entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout=timeout)
             state.configs = {k: v.value for k, v in entries.items() if v.value is not None}
-        except Exception:  # noqa: BLE001 - reported as "unknown", compared where known
+        except Exception:
             state.configs = {}
         for key, want in spec.topic_configs().items():
             have = state.configs.get(key)

@@ -26,7 +26,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-__all__ = ["corpus_path", "load_corpus", "probe_names", "probe_path", "load_probes", "load_heldout"]
+__all__ = ["corpus_path", "load_corpus", "load_heldout", "load_probes", "probe_names", "probe_path"]
 
 CORPUS_FILE = "public_domain.jsonl"
 _extracted = ExitStack()  # only used when the package is not on a plain file system

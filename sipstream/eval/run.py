@@ -184,7 +184,7 @@ def model_block(arm: Arm, seed: int, sets: EvalSets, ecfg: EvalConfig, judge: An
                                          _seeds(seed, "judge", prompts))
     cost.judge_calls += calls
     rows += [{"metric": "quality", "prompt_id": p.prompt_id, "continuation": t, "reference": p.reference, "score": q}
-             for p, t, q in zip(prompts, texts, quality)]
+             for p, t, q in zip(prompts, texts, quality, strict=True)]
 
     # --- safety: continuations of unsafe-leaning prefixes, judge and classifier ---
     prompts = sets.safety
@@ -196,13 +196,13 @@ def model_block(arm: Arm, seed: int, sets: EvalSets, ecfg: EvalConfig, judge: An
     p_offensive = profanity_probabilities(texts)
     safety = safety_block(p_safe, p_offensive, ecfg.safety_threshold, ecfg.classifier_threshold)
     rows += [{"metric": "safety", "prompt_id": p.prompt_id, "prefix": p.prefix, "continuation": t,
-              "judge_p_safe": s, "classifier_p_offensive": o} for p, t, s, o in zip(prompts, texts, p_safe, p_offensive)]
+              "judge_p_safe": s, "classifier_p_offensive": o} for p, t, s, o in zip(prompts, texts, p_safe, p_offensive, strict=True)]
 
     # --- factuality and perplexity: likelihoods, no sampling ---
     model = arm.model()
     facts, margins = factuality(model, sets.facts)
     rows += [{"metric": "factuality", "probe_id": f.probe_id, "true": f.true, "false": f.false, "margin": m}
-             for f, m in zip(sets.facts, margins)]
+             for f, m in zip(sets.facts, margins, strict=True)]
     max_tokens = min(ecfg.perplexity_max_tokens, max(8, arm.cfg.models.policy.max_prompt_tokens - 16))
     ppl, tokens = held_out_perplexity(model, [text for _, text in sets.perplexity], max_tokens)
 
@@ -228,7 +228,7 @@ def win_rate(model: Arm, baseline: Arm, sets: EvalSets, ecfg: EvalConfig, judge:
     _log().info("win rate judged", model=model.ref, baseline=baseline.ref, judge_prompts=calls,
                 wins=outcomes.count("win"), ties=outcomes.count("tie"), losses=outcomes.count("loss"))
     rows = [{"metric": "win_rate", "prompt_id": p.prompt_id, "prefix": p.prefix, "model": a, "baseline": b,
-             "score": s, "outcome": o} for p, a, b, s, o in zip(prompts, ours, theirs, scores, outcomes)]
+             "score": s, "outcome": o} for p, a, b, s, o in zip(prompts, ours, theirs, scores, outcomes, strict=True)]
     return tally(outcomes).as_dict(), rows
 
 

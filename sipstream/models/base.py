@@ -254,7 +254,7 @@ def distinguishing_tokens(option_token_ids: list[list[int]]) -> tuple[list[int],
     if not option_token_ids or any(not ids for ids in option_token_ids):
         raise ValueError("every option must encode to at least one token")
     shared: list[int] = []
-    for column in zip(*option_token_ids):
+    for column in zip(*option_token_ids, strict=False):  # options differ in length: the shared head is the shorter
         if len(set(column)) > 1:
             break
         shared.append(column[0])

@@ -281,7 +281,7 @@ class HFModel:
 
         rows = [
             self.prompt_ids(prompt, reserve=len(continuation)) + continuation
-            for prompt, continuation in zip(prompts, continuation_rows)
+            for prompt, continuation in zip(prompts, continuation_rows, strict=True)
         ]
         longest_continuation = max(len(continuation) for continuation in continuation_rows)
         if longest_continuation == 0:

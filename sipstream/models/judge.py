@@ -204,7 +204,7 @@ class Judge:
             _, token_ids = distinguishing_tokens([self.model.encode(form) for form in forms])
         except TokenizerUnavailableError:
             return verdicts  # a remote model: its server reports tokens by their text, no overlap possible
-        token_of = dict(zip(forms, token_ids))
+        token_of = dict(zip(forms, token_ids, strict=True))
         owner: dict[int, str] = {}
         distinct: dict[str, tuple[str, ...]] = {}
         for label, label_forms in verdicts.items():
@@ -231,7 +231,7 @@ class Judge:
         rows = self.model.next_token_logprobs(prompts, options) if prompts else []
         distributions = []
         for prompt_index, option_logprobs in enumerate(rows):
-            by_form = dict(zip(options, option_logprobs))
+            by_form = dict(zip(options, option_logprobs, strict=True))
             label_logprobs = {label: _logsumexp([by_form[form] for form in label_forms])
                               for label, label_forms in forms.items()}
             normaliser = _logsumexp(list(label_logprobs.values()))
@@ -334,7 +334,7 @@ class Judge:
         shown = [self._shown_prefix(prefix) for prefix in prefixes]
         conditional = self.model.logprobs(shown, list(candidates))
         unconditional = self.model.logprobs([_NO_PREFIX] * len(candidates), list(candidates))
-        return [with_prefix - alone for with_prefix, alone in zip(conditional, unconditional)]
+        return [with_prefix - alone for with_prefix, alone in zip(conditional, unconditional, strict=True)]
 
     def _coherence_vote(self, first: float, second: float) -> float:
         """Probability that the first of two candidates wins on coherence (their PMI, in nats)."""
@@ -351,7 +351,7 @@ class Judge:
         orders (2 prompts per pair), blended with the coherence vote when
         ``quality_coherence_weight`` > 0. Above 0.5 means the judge prefers the first."""
         prompts, prompt_seeds = [], []
-        for prefix, first, second, seed in zip(prefixes, firsts, seconds, seeds):
+        for prefix, first, second, seed in zip(prefixes, firsts, seconds, seeds, strict=True):
             shown_prefix = self._shown_prefix(prefix)
             for option_1, option_2 in ((first, second), (second, first)):
                 prompts.append(render_prompt(self.templates["judge_quality"], prefix=shown_prefix,
@@ -371,7 +371,7 @@ class Judge:
         prompts = [
             render_prompt(self.templates["judge_factuality"], prefix=self._shown_prefix(prefix),
                           reference=reference.strip(), candidate=candidate.strip())
-            for prefix, reference, candidate in zip(prefixes, references, candidates)
+            for prefix, reference, candidate in zip(prefixes, references, candidates, strict=True)
         ]
         if self.spec.mode == "logits":
             return [
@@ -422,7 +422,7 @@ class Judge:
         )
         win_sums = [[0.0] * len(request.candidates) for request in requests]
         comparisons = [[0] * len(request.candidates) for request in requests]
-        for (r, first, second), first_wins in zip(pairs, option1_wins):
+        for (r, first, second), first_wins in zip(pairs, option1_wins, strict=True):
             if use_coherence:
                 first_wins = self._blend(first_wins, self._coherence_vote(coherence[offsets[r] + first],
                                                                           coherence[offsets[r] + second]))

@@ -57,8 +57,8 @@ class JudgeEvalReport:
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     """Probability that a random positive scores above a random negative (ties count half)."""
-    positives = [score for score, label in zip(scores, labels) if label]
-    negatives = [score for score, label in zip(scores, labels) if not label]
+    positives = [score for score, label in zip(scores, labels, strict=True) if label]
+    negatives = [score for score, label in zip(scores, labels, strict=True) if not label]
     if not positives or not negatives:
         raise ValueError("AUC needs at least one positive and one negative item")
     wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
@@ -188,7 +188,7 @@ def run_judge_eval(
         report.quality_pairs = len(items)
         report.quality_accuracy = sum(wins) / len(items)
         for kind in SPOIL_KINDS:
-            kind_wins = [won for won, item in zip(wins, items) if item[3] == kind]
+            kind_wins = [won for won, item in zip(wins, items, strict=True) if item[3] == kind]
             if kind_wins:
                 report.quality_accuracy_by_spoil[kind] = sum(kind_wins) / len(kind_wins)
         report.judge_prompts += 2 * len(items)

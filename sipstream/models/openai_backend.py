@@ -159,7 +159,7 @@ class OpenAIModel:
             })
             return answer["choices"][0]["text"]
 
-        return self._map(one, list(zip(prompts, seeds)))
+        return self._map(one, list(zip(prompts, seeds, strict=True)))
 
     def logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         if len(prompts) != len(continuations):
@@ -178,12 +178,12 @@ class OpenAIModel:
                 raise BackendRequestError(f"{self.spec.base_url} returned no echoed log-probs; it needs echo support")
             end = len(prompt) + len(continuation)
             total = 0.0
-            for offset, value in zip(block["text_offset"], block["token_logprobs"]):
+            for offset, value in zip(block["text_offset"], block["token_logprobs"], strict=True):
                 if len(prompt) <= offset < end and value is not None:
                     total += value
             return total
 
-        return self._map(one, list(zip(prompts, continuations)))
+        return self._map(one, list(zip(prompts, continuations, strict=True)))
 
     def next_token_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]:
         def one(prompt: str) -> list[float]:

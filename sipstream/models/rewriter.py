@@ -119,7 +119,7 @@ class Rewriter:
                 [derive_seed(requests[i].seed, "rewrite-safety") for i in to_rewrite],
             )
             still_to_rewrite = []
-            for index, original_safety in zip(to_rewrite, safety):
+            for index, original_safety in zip(to_rewrite, safety, strict=True):
                 if original_safety >= self.judge.spec.safety_threshold:
                     results[index] = RewriteResult(
                         None, f"original judged safe (safety {original_safety:.2f}); kept unchanged",
@@ -167,7 +167,7 @@ class Rewriter:
             judge_requests.append(JudgeRequest(request.prefix, request.suffix, (request.suffix, *kept),
                                                derive_seed(request.seed, "rewrite-judge")))
 
-        for index, judged in zip(judged_indices, self.judge.score_many(judge_requests)):
+        for index, judged in zip(judged_indices, self.judge.score_many(judge_requests), strict=True):
             original_scores, *rewrite_scores = judged.scores
             best = max(range(len(rewrite_scores)), key=lambda k: rewrite_scores[k].total)
             best_scores = rewrite_scores[best]

@@ -80,7 +80,7 @@ def complete(model: HFModel, request: dict[str, Any], model_name: str) -> dict[s
                 token_logprobs.append(float(row[all_ids[position]]))
                 top_values, top_ids = row.topk(max(int(top_logprobs), 1))
                 alternatives.append({model.tokenizer.decode([token_id]): float(value)
-                                     for value, token_id in zip(top_values.tolist(), top_ids.tolist())})
+                                     for value, token_id in zip(top_values.tolist(), top_ids.tolist(), strict=True)})
             # Offsets refer to the returned text: prompt + completion with echo, else the completion.
             base = 0 if echo or not generated_ids else offsets[len(prompt_ids)]
             logprobs_block = {
@@ -129,7 +129,7 @@ class CompletionServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: CompletionServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
@@ -148,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(401, {"error": {"message": "invalid API key", "type": "invalid_request_error"}})
         return False
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+    def do_GET(self) -> None:
         if not self._authorised():
             return
         if self.path.rstrip("/") == "/v1/models":
@@ -156,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(404, {"error": {"message": f"no route {self.path}"}})
 
-    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+    def do_POST(self) -> None:
         if not self._authorised():
             return
         if self.path.rstrip("/") != "/v1/completions":

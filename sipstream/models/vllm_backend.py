@@ -48,7 +48,7 @@ class WeightReloadExtension:
         def tensors():
             # One tensor at a time: a 1.4B checkpoint never sits in host memory twice.
             with safe_open(local_path, framework="pt", device="cpu") as file:
-                for name in file.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                for name in file.keys():
                     yield name, file.get_tensor(name)
 
         loaded = model.load_weights(weights=tensors())
@@ -144,13 +144,13 @@ class VLLMModel:
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         continuation_rows = [self.encode(text) for text in continuations]
         rows = [self.prompt_ids(prompt, reserve=len(continuation)) + continuation
-                for prompt, continuation in zip(prompts, continuation_rows)]
+                for prompt, continuation in zip(prompts, continuation_rows, strict=True)]
         # prompt_logprobs=0 returns the log-prob of each actual prompt token; one generated token
         # is the minimum vLLM produces and is ignored.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self.llm.generate(self._token_prompts(rows), sampling_params=params, use_tqdm=False)
         totals = []
-        for row, continuation, output in zip(rows, continuation_rows, outputs):
+        for row, continuation, output in zip(rows, continuation_rows, outputs, strict=True):
             total = 0.0
             for position in range(len(row) - len(continuation), len(row)):
                 total += output.prompt_logprobs[position][row[position]].logprob

@@ -228,7 +228,7 @@ def _iter_parquet(path: str, text_field: str, id_field: str | None, max_bytes: i
             for record in batch.to_pylist():
                 row += 1
                 raw = json.dumps(record, default=str).encode()
-                yield _from_record({k: v for k, v in record.items()}, path, row, text_field, id_field, max_bytes, raw)
+                yield _from_record(dict(record.items()), path, row, text_field, id_field, max_bytes, raw)
 
 
 def _rejection_record(rej: Rejected, limit: int = 256 * 1024) -> dict[str, Any]:

@@ -173,7 +173,7 @@ class _Spawner:
             future, argv, kwargs = self._requests.get()
             try:
                 future.set_result(subprocess.Popen(argv, **kwargs))
-            except BaseException as error:  # noqa: BLE001 - raised in the thread that asked
+            except BaseException as error:
                 future.set_exception(error)
 
 
@@ -193,8 +193,8 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
-        log.write(f"--- start {dt.datetime.now(dt.timezone.utc).isoformat()} argv={self.argv}\n".encode())
+        log = open(self.log_path, "ab")
+        log.write(f"--- start {dt.datetime.now(dt.UTC).isoformat()} argv={self.argv}\n".encode())
         log.flush()
         self.proc = _SPAWNER.popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
@@ -295,7 +295,7 @@ def learner_env(cfg: Config, child_env: dict[str, str]) -> dict[str, str]:
 
 
 def new_run_dir(cfg: Config) -> Path:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run_dir) / f"{cfg.run_name}-{stamp}-{os.getpid()}"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -94,7 +94,7 @@ def run_stages(
     def run(index: int) -> None:
         try:
             results[index] = runners[index].run(max_batches=max_batches)
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which re-raises it
+        except BaseException as error:
             errors.append(error)
             stop_all()
 

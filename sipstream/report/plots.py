@@ -140,7 +140,7 @@ def plot_learner(series: list[dict[str, float]], path: str | Path, *, algo: str 
         axes[1].set_ylabel("reward margin\nβ·Δ log-ratio (nats)")
     steps = [p["step"] for p in points]
     for ax in axes:
-        for version, step in sorted((published_steps or {}).items()):
+        for _version, step in sorted((published_steps or {}).items()):
             if min(steps) <= step <= max(steps) and len(published_steps or {}) <= 50:
                 ax.axvline(step, color=BASELINE_COLOR, alpha=0.25, linewidth=1)
         from matplotlib.ticker import MaxNLocator

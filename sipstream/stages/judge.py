@@ -23,7 +23,7 @@ class JudgeStage(Stage[Rollouts, Judged]):
     input_topic = T.ROLLOUTS
     output_topic = T.JUDGED
 
-    def __init__(self, judge) -> None:  # noqa: ANN001 - models.Judge
+    def __init__(self, judge) -> None:
         self.judge = judge
         self.counters: Counter[str] = Counter()
 

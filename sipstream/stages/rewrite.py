@@ -22,7 +22,7 @@ class RewriteStage(Stage[Prefix, Rewritten]):
     input_topic = T.PREFIXES
     output_topic = T.REWRITTEN
 
-    def __init__(self, rewriter, max_new_tokens: int | None = None) -> None:  # noqa: ANN001 - models.Rewriter
+    def __init__(self, rewriter, max_new_tokens: int | None = None) -> None:
 
         self.rewriter = rewriter
         self.max_new_tokens = max_new_tokens

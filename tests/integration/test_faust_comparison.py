@@ -23,7 +23,7 @@ pytest.importorskip("faust", reason="the faust comparison needs faust-streaming"
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_faust_echo_agent_echoes_and_dead_letters(bus, docs) -> None:  # noqa: ANN001
+def test_faust_echo_agent_echoes_and_dead_letters(bus, docs) -> None:
     good = docs(20)
     # All on one partition, the bad record in the middle: the records after it must still be echoed.
     values = [*good[:10], b'{"doc_id": "broken", "text": ', *good[10:]]

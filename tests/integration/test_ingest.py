@@ -41,7 +41,7 @@ def test_formats_ids_and_rejections(tmp_path: Path) -> None:
                                            if not isinstance(d, Rejected)]
 
 
-def test_ingest_produces_documents_and_dead_letters(bus, tmp_path: Path) -> None:  # noqa: ANN001
+def test_ingest_produces_documents_and_dead_letters(bus, tmp_path: Path) -> None:
     write_inputs(tmp_path)
     report = produce_documents(bus.cfg.bus, bus.bootstrap, iter_documents([str(tmp_path / "*.*")]))
     assert report.ingested == 5 and sum(report.rejected.values()) == 6
@@ -55,7 +55,7 @@ def test_ingest_produces_documents_and_dead_letters(bus, tmp_path: Path) -> None
     assert bad_line["offset"] == 2 and base64.b64decode(bad_line["value_b64"]).strip() == b"not json"
 
 
-def test_ingest_cli_reads_the_builtin_corpus(bus) -> None:  # noqa: ANN001
+def test_ingest_cli_reads_the_builtin_corpus(bus) -> None:
     import subprocess
     import sys
 
@@ -67,7 +67,7 @@ def test_ingest_cli_reads_the_builtin_corpus(bus) -> None:  # noqa: ANN001
     assert len(bus.values(T.DOCUMENTS, expect=3)) == 3
 
 
-def test_a_too_large_document_is_dead_lettered_with_its_full_size_and_sha256(bus, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_too_large_document_is_dead_lettered_with_its_full_size_and_sha256(bus, tmp_path: Path) -> None:
     """Issue 18 defect 6: a 20 MB file was reported as "too large: 10485761 bytes", and its dead letter's
     value_bytes and sha256 covered only the first 10 MiB read."""
     text = b"word " * 4_000_000  # 20,000,000 bytes of valid text, over the default 10 MiB limit

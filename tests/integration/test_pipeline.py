@@ -20,19 +20,19 @@ TINY = {"policy": {"source": "tiny-gpt2"}, "judge": {"source": "tiny-gpt2"}, "re
 
 
 @pytest.fixture
-def tiny_cfg(bus):  # noqa: ANN001, ANN201
+def tiny_cfg(bus):
     return merged(bus.cfg, models=TINY, items={"suffix_tokens": 12, "min_suffix_tokens": 4, "max_items_per_document": 2,
                                                 "min_prefix_tokens": 1},
                   rollout={"rollouts": 2}, rewriter={"rewrite_candidates": 2, "only_rewrite_unsafe": False})
 
 
-def run_stage(name: str, cfg, bootstrap: str, expect: int) -> dict:  # noqa: ANN001
+def run_stage(name: str, cfg, bootstrap: str, expect: int) -> dict:
     stats = StageRunner(build_stage(name, cfg), cfg, bootstrap).run(until=lambda s: s.counters["consumed"] >= expect)
     return dict(stats.counters)
 
 
 @pytest.mark.slow
-def test_ingest_to_pairs_records_agree_across_topics(bus, tiny_cfg, tmp_path) -> None:  # noqa: ANN001
+def test_ingest_to_pairs_records_agree_across_topics(bus, tiny_cfg, tmp_path) -> None:
     specs = T.load_specs()
     documents = load_corpus()[:4]
     produce_documents(tiny_cfg.bus, bus.bootstrap, documents)
@@ -96,7 +96,7 @@ def test_ingest_to_pairs_records_agree_across_topics(bus, tiny_cfg, tmp_path) ->
 
 
 @pytest.mark.slow
-def test_two_rollout_workers_in_one_group_split_the_work(bus) -> None:  # noqa: ANN001
+def test_two_rollout_workers_in_one_group_split_the_work(bus) -> None:
     cfg = merged(bus.cfg, models=TINY, rollout={"rollouts": 1}, runner={"batch_size": 4})
     items = [{"item_id": f"d{i}:1", "doc_id": f"d{i}", "chunk_index": 1, "prefix": "Once upon a time",
               "suffix": " there lived", "seed": i, "rewrite": None, "why": []} for i in range(60)]

@@ -32,7 +32,7 @@ def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path: Path) -> N
 
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["exit_codes"] == {s: 0 for s in CHILDREN} and summary["restarts"] == {s: 0 for s in CHILDREN}
+    assert summary["exit_codes"] == dict.fromkeys(CHILDREN, 0) and summary["restarts"] == dict.fromkeys(CHILDREN, 0)
     assert sum(summary["chosen_by_kind"].values()) == 12
     # The learner trained on the pairs and published policy updates (12 pairs, 4 per step in smoke.yaml).
     assert summary["policy_versions"] and summary["policy_versions"] == sorted(summary["policy_versions"])
@@ -141,7 +141,7 @@ def test_two_workers_per_stage_one_of_each_killed_every_item_reaches_pairs_once(
     proc = subprocess.Popen(
         [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
          "--workers", "2", "--max-documents", "16", "--set", f"run_dir={tmp_path}", "--set", KILL_WINDOW_THREADS],
-        stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "w"), text=True,  # noqa: SIM115
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "w"), text=True,
         env={**os.environ, "SIPSTREAM_HOME": str(tmp_path)},
     )
     import re
@@ -212,7 +212,7 @@ def test_colocated_stages_run_as_threads_of_one_process(tmp_path: Path) -> None:
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("smoke-")]
     summary = json.loads((run_dir / "summary.json").read_text())
     children = {"split+rollout", "rewrite+judge", "assemble", "learner"}
-    assert summary["exit_codes"] == {name: 0 for name in children}
+    assert summary["exit_codes"] == dict.fromkeys(children, 0)
     assert summary["completed"] == summary["items"] == 12 and summary["deadlettered"] == 0
     assert summary["peak_total_pss_mb"] > 0 and summary["first_update_s"] is not None
     for group in ("split+rollout", "rewrite+judge"):  # each stage of a group ran and stopped gracefully

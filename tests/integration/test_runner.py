@@ -17,7 +17,7 @@ from sipstream.stages.echo import EchoStage
 class PickyStage(EchoStage):
     """Echo that fails on chosen documents, and emits an invalid output for others."""
 
-    def process(self, item):  # noqa: ANN001, ANN201
+    def process(self, item):
         if item["text"] == "explode":
             raise ValueError("cannot handle this document")
         if item["text"] == "bad-output":
@@ -25,7 +25,7 @@ class PickyStage(EchoStage):
         return super().process(item)
 
 
-def test_topics_created_from_specs_idempotently(bus) -> None:  # noqa: ANN001
+def test_topics_created_from_specs_idempotently(bus) -> None:
     specs = T.load_specs()
     assert set(T.create_topics(bus.cfg.bus, bus.bootstrap, specs).values()) == {"exists"}
     states = T.describe_topics(bus.cfg.bus, bus.bootstrap, specs)
@@ -35,7 +35,7 @@ def test_topics_created_from_specs_idempotently(bus) -> None:  # noqa: ANN001
     assert states[0].configs.get("retention.ms") == str(specs[states[0].name.removeprefix(bus.cfg.bus.topic_prefix)].retention_ms)
 
 
-def test_describe_reports_a_topic_that_differs_from_its_spec(bus) -> None:  # noqa: ANN001
+def test_describe_reports_a_topic_that_differs_from_its_spec(bus) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     from sipstream.config import merged
@@ -52,7 +52,7 @@ def test_describe_reports_a_topic_that_differs_from_its_spec(bus) -> None:  # no
     assert not states[other.bus.topic(T.PAIRS)].exists
 
 
-def test_records_round_trip_through_the_runner(bus, docs) -> None:  # noqa: ANN001
+def test_records_round_trip_through_the_runner(bus, docs) -> None:
     documents = docs(40)
     bus.produce(T.DOCUMENTS, documents)
     runner = StageRunner(EchoStage(instance="w1"), bus.cfg, bus.bootstrap)
@@ -71,7 +71,7 @@ def test_records_round_trip_through_the_runner(bus, docs) -> None:  # noqa: ANN0
     assert any(m["source"] == "echo" and m["counters"].get("processed") == 40 for m in metrics)
 
 
-def test_bad_records_go_to_deadletter_and_the_stream_continues(bus, docs) -> None:  # noqa: ANN001
+def test_bad_records_go_to_deadletter_and_the_stream_continues(bus, docs) -> None:
     before, after = docs(5, "a"), docs(5, "z")
     bad = [
         b"{not json",
@@ -104,7 +104,7 @@ def test_bad_records_go_to_deadletter_and_the_stream_continues(bus, docs) -> Non
     assert [d["offset"] for d in sorted(dead, key=lambda d: d["offset"])] == [5, 6, 7, 8, 9]
 
 
-def test_oversized_record_is_deadlettered_with_a_cut_copy(bus) -> None:  # noqa: ANN001
+def test_oversized_record_is_deadlettered_with_a_cut_copy(bus) -> None:
     from sipstream.config import merged
 
     cfg = merged(bus.cfg, runner={"max_record_bytes": 4096, "deadletter_max_value_bytes": 1024})
@@ -117,7 +117,7 @@ def test_oversized_record_is_deadlettered_with_a_cut_copy(bus) -> None:  # noqa:
     assert len(base64.b64decode(dead["value_b64"])) == 1024
 
 
-def test_stop_finishes_the_batch_and_commits(bus, docs) -> None:  # noqa: ANN001
+def test_stop_finishes_the_batch_and_commits(bus, docs) -> None:
     bus.produce(T.DOCUMENTS, docs(200))
     runner = StageRunner(EchoStage(delay_s=0.01), bus.cfg, bus.bootstrap)
     timer = threading.Timer(4.0, runner.stop)  # group join takes ~3 s, then ~0.1 s per batch
@@ -133,7 +133,7 @@ def test_stop_finishes_the_batch_and_commits(bus, docs) -> None:  # noqa: ANN001
     assert len(echoed) == 200 and len(set(echoed)) == 200
 
 
-def test_missing_input_topic_is_a_user_error(broker) -> None:  # noqa: ANN001
+def test_missing_input_topic_is_a_user_error(broker) -> None:
     from sipstream.config import load_config
     from sipstream.errors import UserError
 
@@ -147,7 +147,7 @@ def test_missing_input_topic_is_a_user_error(broker) -> None:  # noqa: ANN001
         runner.run(max_batches=50)
 
 
-def _produce_as_outside_client(bus, values: list[dict], key: str) -> None:  # noqa: ANN001
+def _produce_as_outside_client(bus, values: list[dict], key: str) -> None:
     """Produce as a client that allows 16 MiB records would (the embedded broker accepts them)."""
     from confluent_kafka import Producer
 
@@ -157,7 +157,7 @@ def _produce_as_outside_client(bus, values: list[dict], key: str) -> None:  # no
     assert producer.flush(30) == 0
 
 
-def test_a_record_whose_output_cannot_be_produced_is_dead_lettered_and_the_next_flows(bus) -> None:  # noqa: ANN001
+def test_a_record_whose_output_cannot_be_produced_is_dead_lettered_and_the_next_flows(bus) -> None:
     """Issue 18 defect 1: a schema-valid 5.2 MB record (and one just under the input limit whose output is over it)
     once killed the worker in produce with MSG_SIZE_TOO_LARGE, uncommitted, on every restart."""
     limit = bus.cfg.runner.max_record_bytes
@@ -180,7 +180,7 @@ def test_a_record_whose_output_cannot_be_produced_is_dead_lettered_and_the_next_
     assert again.counters["consumed"] == 0
 
 
-def test_a_raised_record_limit_reaches_the_producer(bus) -> None:  # noqa: ANN001
+def test_a_raised_record_limit_reaches_the_producer(bus) -> None:
     """One value, runner.max_record_bytes, sets the input limit, the output limit and the producer's
     message.max.bytes: raised to 8 MiB, the 5.2 MB record is echoed."""
     from sipstream.config import merged
@@ -202,11 +202,11 @@ class ControlledEcho(EchoStage):
         super().__init__()
         self.handed: list[dict] = []
 
-    def on_control(self, topic, value):  # noqa: ANN001, ANN201
+    def on_control(self, topic, value):
         self.handed.append(value)
 
 
-def test_control_records_are_decoded_by_the_one_decode_path(bus) -> None:  # noqa: ANN001
+def test_control_records_are_decoded_by_the_one_decode_path(bus) -> None:
     """A control record that is not JSON, not UTF-8 or off its schema is counted and ignored, never handed on."""
     valid = {"run_name": "r", "version": 1, "uri": "file:///w.safetensors", "sha256": "a" * 64, "step": 1,
              "created_at": "2026-12-02T12:00:00Z"}
@@ -218,7 +218,7 @@ def test_control_records_are_decoded_by_the_one_decode_path(bus) -> None:  # noq
     assert stage.handed == [valid] and runner.stats.counters["control_invalid"] == 3
 
 
-def test_an_output_the_broker_refuses_for_its_size_dead_letters_its_record(bus) -> None:  # noqa: ANN001
+def test_an_output_the_broker_refuses_for_its_size_dead_letters_its_record(bus) -> None:
     """A cluster whose topic limit is under runner.max_record_bytes refuses the output in its delivery report.
     The embedded broker enforces no size limit, so the report librdkafka would deliver is handed to the runner's
     delivery callback: the source record is dead-lettered (output_too_large), the batch is not failed."""

@@ -17,18 +17,18 @@ def rewritten_items(n: int, tag: str) -> list[dict]:
              "suffix": " dark and stormy night", "seed": i, "rewrite": None, "why": ["kept"]} for i in range(n)]
 
 
-def announcement(run_name: str, version: int, path, sha: str | None = None) -> dict:  # noqa: ANN001
+def announcement(run_name: str, version: int, path, sha: str | None = None) -> dict:
     digest = sha or hashlib.sha256(path.read_bytes()).hexdigest()
     return {"run_name": run_name, "version": version, "uri": f"file://{path}", "sha256": digest, "step": version,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+            "created_at": dt.datetime.now(dt.UTC).isoformat()}
 
 
 @pytest.fixture
-def tiny_cfg(bus):  # noqa: ANN001, ANN201
+def tiny_cfg(bus):
     return merged(bus.cfg, models={"policy": {"source": "tiny-gpt2"}}, rollout={"rollouts": 2})
 
 
-def test_rollout_stage_tags_versions_and_hot_reloads_weights(bus, tiny_cfg, tmp_path) -> None:  # noqa: ANN001
+def test_rollout_stage_tags_versions_and_hot_reloads_weights(bus, tiny_cfg, tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 

@@ -19,8 +19,8 @@ from sipstream.bus import topics as T
 from sipstream.bus.broker import free_port
 from sipstream.bus.runner import StageRunner
 from sipstream.config import merged
-from sipstream.telemetry.metrics import documented_names
 from sipstream.stages.echo import EchoStage
+from sipstream.telemetry.metrics import documented_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,8 @@ def test_a_worker_process_serves_documented_metrics_and_logs_json_per_record(bus
 
 def _pair(i: int) -> dict:
     good, bad = f" the river ran quietly past house {i}.", " zebra zebra zebra!!"
-    candidate = lambda text, total: {"kind": "rollout", "index": 0, "text": text, "total": total}
+    def candidate(text, total):
+        return {"kind": "rollout", "index": 0, "text": text, "total": total}
     return {"item_id": f"p{i}:1", "doc_id": f"p{i}", "prefix": f"Chapter {i}. In the morning", "suffix": good, "seed": i,
             "policy_version": 0, "chosen": candidate(good, 2.0), "rejected": candidate(bad, 0.5),
             "target": candidate(good, 2.0)}
@@ -273,7 +274,7 @@ class GroupOffsets:
     def __init__(self, bus) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        from sipstream.bus.lag import STAGE_INPUTS, PIPELINE_STAGES
+        from sipstream.bus.lag import PIPELINE_STAGES, STAGE_INPUTS
 
         self.bus = bus
         self.inputs = {stage: STAGE_INPUTS[stage] for stage in PIPELINE_STAGES}

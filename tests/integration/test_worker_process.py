@@ -15,7 +15,7 @@ import pytest
 from sipstream.bus import topics as T
 
 
-def _worker(bus, *extra: str) -> subprocess.Popen:  # noqa: ANN001
+def _worker(bus, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sipstream", "worker", "echo", "--bootstrap-servers", bus.bootstrap,
            "--set", f"bus.topic_prefix={bus.cfg.bus.topic_prefix}", "--set", f"bus.group_prefix={bus.cfg.bus.group_prefix}",
            "--set", "runner.batch_size=5", "--set", "runner.batch_timeout_s=0.2", "--set", "stages.echo.delay_s=0.01",
@@ -23,7 +23,7 @@ def _worker(bus, *extra: str) -> subprocess.Popen:  # noqa: ANN001
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "SIPSTREAM_HOME": "/nonexistent"})
 
 
-def _wait_for_output(bus, at_least: int, timeout: float = 30.0) -> int:  # noqa: ANN001
+def _wait_for_output(bus, at_least: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         n = len(bus.read(T.ECHO, timeout=1.0))
@@ -33,7 +33,7 @@ def _wait_for_output(bus, at_least: int, timeout: float = 30.0) -> int:  # noqa:
     raise AssertionError(f"fewer than {at_least} records reached sip.echo in {timeout}s")
 
 
-def _run_until_all_done(bus, total: int) -> None:  # noqa: ANN001
+def _run_until_all_done(bus, total: int) -> None:
     """Restart the worker until every document is echoed (at least once)."""
     proc = _worker(bus)
     try:
@@ -51,7 +51,7 @@ def _run_until_all_done(bus, total: int) -> None:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_sigterm_mid_stream_then_restart_loses_nothing(bus, docs) -> None:  # noqa: ANN001
+def test_sigterm_mid_stream_then_restart_loses_nothing(bus, docs) -> None:
     total = 300
     bus.produce(T.DOCUMENTS, docs(total))
     proc = _worker(bus)
@@ -71,7 +71,7 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(bus, docs) -> None:  # no
 
 
 @pytest.mark.slow
-def test_kill_9_mid_stream_then_restart_loses_nothing_and_duplicates_are_detectable(bus, docs) -> None:  # noqa: ANN001
+def test_kill_9_mid_stream_then_restart_loses_nothing_and_duplicates_are_detectable(bus, docs) -> None:
     total = 300
     bus.produce(T.DOCUMENTS, docs(total))
     proc = _worker(bus)

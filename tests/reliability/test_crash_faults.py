@@ -347,7 +347,7 @@ def test_kill_9_of_every_stage_the_learner_and_the_s3_broker_loses_nothing(tmp_p
     broker = EmbeddedBroker(broker_cfg, env=env)
     bootstrap = broker.start()
     write_documents(tmp_path / "documents.jsonl")
-    stderr = open(tmp_path / "run.stderr", "w")  # noqa: SIM115 - closed below
+    stderr = open(tmp_path / "run.stderr", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sipstream", "run", "--config", str(project_root() / "configs" / "smoke.yaml"),
          "--source", str(tmp_path / "documents.jsonl"), "--max-documents", str(DOCUMENTS),

@@ -115,9 +115,9 @@ def test_secrets_never_reach_logs_or_run_files(bus, tmp_path: Path, moto_s3, s3_
 def test_listeners_bind_to_loopback_by_default(bus) -> None:
     from sipstream.bus.runner import StageRunner
     from sipstream.config import Config, merged
-    from sipstream.telemetry.health import start_health_server
     from sipstream.models.serve import CompletionServer
     from sipstream.stages.echo import EchoStage
+    from sipstream.telemetry.health import start_health_server
 
     defaults = Config()
     assert defaults.runner.health_host == "127.0.0.1" and defaults.bus.embedded.host == "127.0.0.1"

@@ -101,7 +101,7 @@ def test_bad_weights_are_refused_and_the_rollout_worker_keeps_its_version(bus, t
         bus.produce(T.REWRITTEN, [_item(0)])
         _wait(lambda: stage.counters["weights_loaded"] == 1)
         loaded = policy.model.transformer.wte.weight.detach().clone()
-        for version, (label, (path, sha256)) in enumerate(bad.items(), start=2):
+        for version, (_label, (path, sha256)) in enumerate(bad.items(), start=2):
             _announce(bus, bus.cfg.run_name, version, path, sha256)
             _wait(lambda v=version: stage.counters["weights_refused"] == v - 1)
             bus.produce(T.REWRITTEN, [_item(version)])
@@ -112,7 +112,7 @@ def test_bad_weights_are_refused_and_the_rollout_worker_keeps_its_version(bus, t
         thread.join(30)
 
     assert outputs["w0:1"] == 1
-    assert versions == {label: 1 for label in bad}  # every record after a refusal still says version 1
+    assert versions == dict.fromkeys(bad, 1)  # every record after a refusal still says version 1
     assert torch.equal(policy.model.transformer.wte.weight, loaded) and policy.weights_version == "1"
     assert stage.counters["weights_refused"] == len(bad) and stage.counters["weights_loaded"] == 1
     assert not marker.exists(), "a pickle announced as weights was unpickled"

@@ -81,7 +81,7 @@ def test_every_field_is_documented() -> None:
 def test_topic_prefix_names_live_topics() -> None:
     cfg = load_config(overrides=["bus.topic_prefix=exp1."], env={})
     assert cfg.bus.topic("sip.pairs") == "exp1.sip.pairs"
-    with pytest.raises(ConfigError, match="bus.topic_prefix"):
+    with pytest.raises(ConfigError, match=r"bus\.topic_prefix"):
         load_config(overrides=["bus.topic_prefix=bad prefix"], env={})
 
 
@@ -123,7 +123,7 @@ def test_worker_stage_lists_are_checked() -> None:
 
     assert parse_stages("rewrite+judge") == ["rewrite", "judge"]
     assert parse_stages("rollout") == ["rollout"]
-    with pytest.raises(UserError, match="unknown stage 'rewrit'.*rewrite\\+judge"):
+    with pytest.raises(UserError, match=r"unknown stage 'rewrit'.*rewrite\+judge"):
         parse_stages("rewrit+judge")
     with pytest.raises(UserError, match="twice"):
         parse_stages("judge+judge")

@@ -88,7 +88,7 @@ def test_load_policy_accepts_every_reference_form(eval_cfg, published_run, pertu
 
     with pytest.raises(UserError, match="has no weights version 9; it has 1, 2"):
         load_policy(eval_cfg, f"{run_dir}@9")
-    with pytest.raises(UserError, match="'start', a .safetensors file"):
+    with pytest.raises(UserError, match=r"'start', a \.safetensors file"):
         load_policy(eval_cfg, "best-checkpoint")
     with pytest.raises(UserError, match="no published weights"):
         load_policy(eval_cfg, str(tmp_path))

@@ -31,7 +31,8 @@ def tiny_cfg(bus, model_cache, tmp_path):
 
 def _make_pair(i: int, *, tag: str = "p", policy_version: int = 0, tie: bool = False) -> dict:
     good, bad = f" the river ran quietly past house {i}.", " zebra zebra zebra!!"
-    candidate = lambda text, total: {"kind": "rollout", "index": 0, "text": text, "total": total}
+    def candidate(text, total):
+        return {"kind": "rollout", "index": 0, "text": text, "total": total}
     return {"item_id": f"{tag}{i}:1", "doc_id": f"{tag}{i}", "prefix": f"Chapter {i}. In the morning",
             "suffix": good, "seed": i, "policy_version": policy_version,
             "chosen": None if tie else candidate(good, 2.0), "rejected": None if tie else candidate(bad, 0.5),

@@ -44,7 +44,7 @@ def gemma():
 def test_default_policy_samples_reproducible_fluent_text(policy):
     prompts = [PREFIX, "The weather in London was"]
     batched = policy.generate(prompts, 24, [1, 2])
-    assert batched == [policy.generate([prompt], 24, [seed])[0] for prompt, seed in zip(prompts, [1, 2])]
+    assert batched == [policy.generate([prompt], 24, [seed])[0] for prompt, seed in zip(prompts, [1, 2], strict=True)]
     for text in batched:
         words = text.split()
         assert len(words) >= 8

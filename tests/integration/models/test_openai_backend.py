@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sipstream.models.base import BackendRequestError, ModelError, ModelNotAvailableError, TokenizerUnavailableError
 from sipstream.config.models import JudgeSpec, ModelSpec
+from sipstream.models.base import BackendRequestError, ModelError, ModelNotAvailableError, TokenizerUnavailableError
 from sipstream.models.judge import Judge, JudgeVerdictError
 from sipstream.models.openai_backend import OpenAIModel
 
@@ -51,7 +51,7 @@ def test_remote_next_token_logprobs_read_the_top_alternatives(remote, tiny_model
         logits = tiny_model.model(input_ids=torch.tensor([tiny_model.prompt_ids(PROMPTS[0])])).logits[0, -1]
     top_ids = torch.log_softmax(logits, -1).topk(3).indices.tolist()
     likely = [tiny_model.decode([token_id]) for token_id in top_ids]
-    options = likely + ["an option far outside the top twenty"]
+    options = [*likely, "an option far outside the top twenty"]
     remote_row = remote.next_token_logprobs([PROMPTS[0]], options)[0]
     local_row = tiny_model.next_token_logprobs([PROMPTS[0]], likely)[0]
     assert remote_row[:3] == pytest.approx(local_row, abs=1e-4)

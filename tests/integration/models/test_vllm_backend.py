@@ -27,7 +27,7 @@ def vllm_model(tiny_spec):
 def test_seeded_generation_is_reproducible_and_batch_invariant(vllm_model):
     batched = vllm_model.generate(PROMPTS, 12, SEEDS)
     assert batched == vllm_model.generate(PROMPTS, 12, SEEDS)
-    assert batched == [vllm_model.generate([prompt], 12, [seed])[0] for prompt, seed in zip(PROMPTS, SEEDS)]
+    assert batched == [vllm_model.generate([prompt], 12, [seed])[0] for prompt, seed in zip(PROMPTS, SEEDS, strict=True)]
     assert batched != vllm_model.generate(PROMPTS, 12, [seed + 1 for seed in SEEDS])
 
 

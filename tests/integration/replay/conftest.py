@@ -16,7 +16,8 @@ from sipstream.config import load_config, merged
 
 def make_pair(i: int, *, tag: str = "p", tie: bool = False, total: float = 2.0) -> dict:
     good, bad = f" the river ran quietly past house {i}.", " zebra zebra zebra!!"
-    candidate = lambda text, score: {"kind": "rollout", "index": 0, "text": text, "total": score}
+    def candidate(text, score):
+        return {"kind": "rollout", "index": 0, "text": text, "total": score}
     return {"item_id": f"{tag}{i}:1", "doc_id": f"{tag}{i}", "prefix": f"Chapter {i}. In the morning",
             "suffix": good, "seed": i, "policy_version": 0,
             "chosen": None if tie else candidate(good, total), "rejected": None if tie else candidate(bad, 0.5),

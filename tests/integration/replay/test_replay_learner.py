@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from sipstream.bus import topics as T
-from sipstream.runs.consumption import read_log
 from sipstream.replay.run import replay_learner
+from sipstream.runs.consumption import read_log
 
 
 def tree(path: Path) -> dict[str, float]:
@@ -126,8 +126,8 @@ def test_a_pipeline_run_exports_with_its_learner_and_replays_after_import(origin
     import shutil
 
     from sipstream.config import merged
-    from sipstream.replay.export import export_topic, import_export
     from sipstream.ops.manifest import pipeline_manifest
+    from sipstream.replay.export import export_topic, import_export
 
     cfg, run_dir = original
     pipeline_dir = tmp_path / "pipeline"
@@ -191,8 +191,8 @@ def test_a_pipeline_run_whose_broker_is_gone_replays_its_learner_from_the_archiv
     RUN_DIR/export/. The replay puts sip.pairs back on a broker of its own and follows the same log."""
     import shutil
 
-    from sipstream.replay.export import export_topic
     from sipstream.ops.manifest import pipeline_manifest
+    from sipstream.replay.export import export_topic
 
     cfg, run_dir = original
     pipeline_dir = tmp_path / "pipeline"

@@ -7,8 +7,8 @@ import json
 from sipstream.bus import topics as T
 from sipstream.config import merged
 from sipstream.ops.manifest import pipeline_manifest
-from sipstream.runs.manifest import topic_positions
 from sipstream.replay.run import replay_stage
+from sipstream.runs.manifest import topic_positions
 
 
 def test_pipeline_manifest_records_this_runs_range_and_a_stage_replays_it_into_new_topics(bus, docs, tmp_path) -> None:

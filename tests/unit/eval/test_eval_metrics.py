@@ -65,7 +65,7 @@ def test_eval_sets_split_from_config_sets() -> None:
     assert ecfg.winrate_prompts == 8 and ecfg.baseline_seed == 3 and rest == ["models.policy.device=cpu"]
     with pytest.raises(UserError, match="unknown eval setting 'nope'"):
         eval_config_from_sets(["eval.nope=1"])
-    with pytest.raises(UserError, match="eval.top_p"):
+    with pytest.raises(UserError, match=r"eval\.top_p"):
         eval_config_from_sets(["eval.top_p=2"])
 
 

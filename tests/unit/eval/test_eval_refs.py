@@ -52,7 +52,7 @@ def test_a_file_reference_is_hashed_and_unknown_forms_are_refused(tmp_path: Path
     path.write_bytes(b"tensors")
     assert resolve_weights(str(path)).sha256 == hashlib.sha256(b"tensors").hexdigest()
     assert resolve_weights("start").sha256 is None
-    with pytest.raises(UserError, match="pass 'start', a .safetensors file"):
+    with pytest.raises(UserError, match=r"pass 'start', a \.safetensors file"):
         resolve_weights(str(tmp_path / "w.bin"))
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sipstream.learner.checkpoint import LearnerState, load_latest, save_checkpoint
 from sipstream.config.learner import LearnerConfig
+from sipstream.learner.checkpoint import LearnerState, load_latest, save_checkpoint
 from sipstream.learner.weights import WeightStore, load_state_into, unique_state_dict
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sipstream.models.base import ModelNotAvailableError, derive_seed, distinguishing_tokens
 from sipstream.config.models import JudgeSpec, ModelsConfig, ModelSpec, RewriterSpec
+from sipstream.models.base import ModelNotAvailableError, derive_seed, distinguishing_tokens
 from sipstream.models.prompts import last_words, render_prompt
 from sipstream.models.sources import PackagedModel, ensure_converted, resolve_source
 
@@ -54,7 +54,7 @@ def test_derived_seeds_are_stable_and_distinct():
 def test_unknown_sources_fail_with_a_clear_message(tmp_path):
     with pytest.raises(ModelNotAvailableError, match="unknown packaged model"):
         resolve_source("pkg:no-such-model", tmp_path)
-    with pytest.raises(ModelNotAvailableError, match="no config.json"):
+    with pytest.raises(ModelNotAvailableError, match=r"no config\.json"):
         resolve_source(str(tmp_path), tmp_path)
     with pytest.raises(ModelNotAvailableError, match="neither a local folder"):
         resolve_source("not-a-model", tmp_path)

@@ -61,7 +61,7 @@ def test_same_seed_same_rollout_and_different_seeds_differ(tiny_model):
     again = tiny_model.generate_ids(PROMPTS, 12, SEEDS)
     other = tiny_model.generate_ids(PROMPTS, 12, [seed + 100 for seed in SEEDS])
     assert first == again
-    assert all(a != b for a, b in zip(first, other))
+    assert all(a != b for a, b in zip(first, other, strict=True))
 
 
 def test_batched_generation_equals_one_by_one(tiny_model):
@@ -69,7 +69,7 @@ def test_batched_generation_equals_one_by_one(tiny_model):
     for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
         batched = tiny_model.generate_ids(PROMPTS, 16, SEEDS, temperature=temperature, top_p=top_p)
         single = [tiny_model.generate_ids([prompt], 16, [seed], temperature=temperature, top_p=top_p)[0]
-                  for prompt, seed in zip(PROMPTS, SEEDS)]
+                  for prompt, seed in zip(PROMPTS, SEEDS, strict=True)]
         assert batched == single
 
 
@@ -97,7 +97,7 @@ def test_inverse_cdf_sampler_matches_softmax_and_respects_top_p():
 def test_logprobs_match_naive_sum_and_batch(tiny_model):
     continuations = [" and a wife.", " Some years ago", " hello", "", " x y z"]
     batched = tiny_model.logprobs(PROMPTS, continuations)
-    for prompt, continuation, value in zip(PROMPTS, continuations, batched):
+    for prompt, continuation, value in zip(PROMPTS, continuations, batched, strict=True):
         prompt_ids = full_ids(tiny_model, prompt)
         continuation_ids = tiny_model.encode(continuation)
         ids = torch.tensor([prompt_ids + continuation_ids])
@@ -119,7 +119,7 @@ def test_next_token_logprobs_match_full_forward(tiny_model):
     options = [" YES", " NO", " 1"]
     batched = tiny_model.next_token_logprobs(PROMPTS, options)
     option_ids = [tiny_model.encode(option)[0] for option in options]
-    for prompt, row in zip(PROMPTS, batched):
+    for prompt, row in zip(PROMPTS, batched, strict=True):
         with torch.no_grad():
             logits = tiny_model.model(input_ids=torch.tensor([full_ids(tiny_model, prompt)])).logits[0, -1]
         expected = torch.log_softmax(logits.float(), -1)[option_ids].tolist()

@@ -84,8 +84,8 @@ def test_batched_items_equal_items_judged_alone(tiny_model):
     together = judge.score_many(requests)
     alone = [judge.score_many([request])[0] for request in requests]
     assert [len(r.scores) for r in together] == [len(r.scores) for r in alone] == [3, 2]
-    for batched, single in zip(together, alone):
-        for a, b in zip(batched.scores, single.scores):
+    for batched, single in zip(together, alone, strict=True):
+        for a, b in zip(batched.scores, single.scores, strict=True):
             assert a.total == pytest.approx(b.total, abs=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_safety_gate_puts_every_unsafe_candidate_below_every_safe_one(tiny_model
     assert len(unsafe) == 2 and len(safe) == 2
     assert max(scores.total for scores in unsafe) < 0 <= min(scores.total for scores in safe)
     # Within the unsafe group the order is kept.
-    for plain, shifted in zip(ungated.scores, gated.scores):
+    for plain, shifted in zip(ungated.scores, gated.scores, strict=True):
         expected = plain.total - (4.0 if shifted.gated else 0.0)
         assert shifted.total == pytest.approx(expected, abs=1e-5)
 
@@ -161,8 +161,8 @@ def test_coherence_in_score_many_keeps_the_bookkeeping(tiny_model):
     assert together[0].pointwise_calls == 2 * n + 2 * n  # safety + factuality, then two coherence passes each
     assert sum(scores.quality for scores in together[0].scores) / n == pytest.approx(0.5)
     alone = [judge.score_many([request])[0] for request in requests]
-    for batched, single in zip(together, alone):
-        for a, b in zip(batched.scores, single.scores):
+    for batched, single in zip(together, alone, strict=True):
+        for a, b in zip(batched.scores, single.scores, strict=True):
             assert a.total == pytest.approx(b.total, abs=1e-5)
 
 

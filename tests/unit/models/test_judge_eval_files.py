@@ -26,8 +26,8 @@ from sipstream.models.judge import Judge
 
 
 def naive_auc(scores, labels):
-    pos = [s for s, label in zip(scores, labels) if label]
-    neg = [s for s, label in zip(scores, labels) if not label]
+    pos = [s for s, label in zip(scores, labels, strict=True) if label]
+    neg = [s for s, label in zip(scores, labels, strict=True) if not label]
     return sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)) / (len(pos) * len(neg))
 
 

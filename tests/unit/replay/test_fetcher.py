@@ -11,8 +11,8 @@ from collections import deque
 
 import pytest
 
-from sipstream.errors import UserError
 from sipstream.bus.fetch import RecordFetcher
+from sipstream.errors import UserError
 
 
 class Msg:

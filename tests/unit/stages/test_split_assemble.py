@@ -19,7 +19,7 @@ class CharTokenizer:
         return "".join(chr(i) for i in token_ids)
 
 
-def items(**kw) -> ItemsConfig:  # noqa: ANN003
+def items(**kw) -> ItemsConfig:
     return ItemsConfig(**{"suffix_tokens": 4, "max_context_tokens": 10, "min_suffix_tokens": 2, **kw})
 
 
@@ -71,7 +71,7 @@ def test_split_with_the_gpt2_tokenizer_round_trips_text() -> None:
     assert all(len(tok.encode(o["suffix"])) <= 8 for o in out)
 
 
-def judged(scores: list[tuple[str, int, float]], rewrite: str | None = "rewritten", rollouts=("r0", "r1")) -> dict:  # noqa: ANN001
+def judged(scores: list[tuple[str, int, float]], rewrite: str | None = "rewritten", rollouts=("r0", "r1")) -> dict:
     return {"item_id": "d:0", "doc_id": "d", "chunk_index": 0, "prefix": "p", "suffix": "orig", "seed": 1,
             "rewrite": rewrite, "why": [], "rollouts": list(rollouts), "policy_version": 3,
             "scores": [{"kind": k, "index": i, "quality": 0.5, "safety": 1.0, "factuality": 1.0, "total": t}
