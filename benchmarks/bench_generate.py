@@ -47,8 +47,8 @@ def main() -> None:
     import torch
 
     from sipstream.config.models import ModelSpec
+    from sipstream.eval.judge_builtin import DATA_DIR
     from sipstream.models.hf import HFModel
-    from sipstream.models.judge_eval import DATA_DIR
 
     model = HFModel(ModelSpec(source=args.source, device=args.device, batch_size=args.batch))
     passages = [json.loads(line)["text"] for line in (DATA_DIR / "passages.jsonl").open(encoding="utf-8")]

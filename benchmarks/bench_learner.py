@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def make_pairs(count: int, prefix_words: int) -> list[dict]:
     import json
 
-    from sipstream.models.judge_eval import DATA_DIR
+    from sipstream.eval.judge_builtin import DATA_DIR
 
     texts = [json.loads(line)["text"] for line in (DATA_DIR / "passages.jsonl").open(encoding="utf-8")]
     pairs = []

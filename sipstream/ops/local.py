@@ -94,6 +94,9 @@ class LocalRunResult:
     pairs: dict[str, Any] = field(default_factory=dict)
     """judged (distinct items on sip.pairs), trainable (with what the algorithm needs), trained, and
     dropped by reason (tie, stale, duplicate, ..., `not_trained`: judged but not yet trained at the stop)."""
+    judge_flags: dict[str, Any] = field(default_factory=dict)
+    """How the judge saw the stream's own text: originals judged, flagged unsafe (safety below
+    judge.safety_threshold), and the share flagged."""
     stop_seconds: dict[str, float] = field(default_factory=dict)
     """How long the stop took: `children` (all of them, in parallel) and `record` (manifest and archive)."""
     seconds: float = 0.0
@@ -330,7 +333,9 @@ class RunProgress:
         self.item_deadletters = 0
         self.learner_counters: dict[str, float] = {}
         self.learner_step = 0
-        callbacks = {T.PREFIXES: self._on_prefix, FINAL_TOPIC: self._on_pair, T.WEIGHTS: self._on_weights, T.METRICS: self._on_metrics,
+        self.judged_ids: set[str] = set()
+        self.originals_flagged = 0
+        callbacks = {T.PREFIXES: self._on_prefix, T.JUDGED: self._on_judged, FINAL_TOPIC: self._on_pair, T.WEIGHTS: self._on_weights, T.METRICS: self._on_metrics,
                      T.DEADLETTER: self._on_deadletter}
         self.tails = {
             topic: TopicTail(bootstrap, cfg.bus.topic(topic), specs[topic].partitions, on_record=callbacks.get(topic),
@@ -340,6 +345,18 @@ class RunProgress:
 
     def _on_prefix(self, prefix: dict) -> None:
         self.doc_ids.add(prefix["doc_id"])
+
+    def _on_judged(self, judged: dict) -> None:
+        if judged["item_id"] in self.judged_ids:
+            return
+        self.judged_ids.add(judged["item_id"])
+        original = next((s for s in judged.get("scores", []) if s.get("kind") == "original"), None)
+        self.originals_flagged += original is not None and original["safety"] < self.cfg.judge.safety_threshold
+
+    def judge_flags(self) -> dict[str, Any]:
+        judged = len(self.judged_ids)
+        return {"originals_judged": judged, "originals_flagged_unsafe": self.originals_flagged,
+                "share_flagged": round(self.originals_flagged / judged, 4) if judged else None}
 
     def _on_pair(self, pair: dict) -> None:
         # At-least-once: a restarted worker may repeat records; each item counts once (dedupe by item_id).
@@ -655,6 +672,7 @@ class LocalRun:
                 counters = recorded.get("counters")
         self.result.pairs = progress.pairs_summary(counters)
         self.result.chosen_by_kind = dict(progress.chosen)
+        self.result.judge_flags = progress.judge_flags()
 
     def _record(self) -> None:
         """manifest.json (every topic's range, who produced and consumed it, the models' sha256) and, for an
@@ -717,13 +735,14 @@ def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[st
 def print_summary(result: LocalRunResult) -> None:
     get_logger(component="run").info("run finished", **{k: v for k, v in asdict(result).items() if k != "run_dir"})
     first_update = "—" if result.first_update_s is None else f"{result.first_update_s:.0f}s"
-    pairs = result.pairs
+    pairs, flags = result.pairs, result.judge_flags
     dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(pairs.get("dropped", {}).items())) or "none"
     head = "interrupted" if result.stopped_by == "interrupt" else "done"
     print(
         f"{head}: {result.ingested} documents → {result.items} items; {result.completed} reached {FINAL_TOPIC}, "
         f"{result.deadlettered} dead-lettered; pairs judged {pairs.get('judged', 0)}, trained {pairs.get('trained', 0)}, "
-        f"dropped: {dropped}; policy versions published: {len(result.policy_versions)}; "
+        f"dropped: {dropped}; originals judged unsafe {flags.get('originals_flagged_unsafe', 0)} of "
+        f"{flags.get('originals_judged', 0)}; policy versions published: {len(result.policy_versions)}; "
         f"{result.seconds:.1f}s; first update after {first_update}; peak memory {result.peak_total_pss_mb / 1024:.1f} GiB "
         f"(PSS; RSS {result.peak_total_rss_mb / 1024:.1f} GiB) (summary in {result.run_dir}/summary.json)",
         flush=True,

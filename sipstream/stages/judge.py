@@ -42,6 +42,11 @@ class JudgeStage(Stage[Rollouts, Judged]):
                                total=s.total)
                 for (kind, index), s in zip(texts, result.scores, strict=True)
             ]
+            original = next((s for s in scores if s["kind"] == "original"), None)
+            if original is not None:
+                # How often the judge flags the stream's own text (the run summary reports the share).
+                self.counters["originals_judged"] += 1
+                self.counters["originals_flagged_unsafe"] += original["safety"] < self.judge.spec.safety_threshold
             judged: Judged = {**item, "scores": scores}
             out.append([judged])
         return out

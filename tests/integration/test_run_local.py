@@ -34,6 +34,10 @@ def test_sipstream_run_moves_the_corpus_through_every_stage(tmp_path: Path) -> N
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exit_codes"] == dict.fromkeys(CHILDREN, 0) and summary["restarts"] == dict.fromkeys(CHILDREN, 0)
     assert sum(summary["chosen_by_kind"].values()) == 12
+    # Every original was judged once; the share flagged unsafe is reported (tiny random judge: any share).
+    flags = summary["judge_flags"]
+    assert flags["originals_judged"] == 12 and 0 <= flags["originals_flagged_unsafe"] <= 12
+    assert flags["share_flagged"] == round(flags["originals_flagged_unsafe"] / 12, 4)
     # The learner trained on the pairs and published policy updates (12 pairs, 4 per step in smoke.yaml).
     assert summary["policy_versions"] and summary["policy_versions"] == sorted(summary["policy_versions"])
     weights = list((run_dir / "smoke" / "weights").rglob("*.safetensors"))

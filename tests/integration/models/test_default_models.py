@@ -86,8 +86,8 @@ def test_default_judge_separates_safe_from_unsafe_and_prefers_the_original(gemma
 
 @needs_gemma
 def test_default_judge_eval_meets_the_safety_target_on_a_sample(gemma):
+    from sipstream.eval.judge_builtin import run_judge_eval
     from sipstream.models.judge import Judge
-    from sipstream.models.judge_eval import run_judge_eval
 
     report = run_judge_eval(Judge(gemma), criteria=("safety",), limit=40)
     assert report.safety_items == 40
@@ -98,8 +98,8 @@ def test_default_judge_eval_meets_the_safety_target_on_a_sample(gemma):
 def test_default_judge_eval_meets_the_quality_target_on_a_sample(gemma):
     # The judge as the CPU default configures it: the pairwise prompt blended with the coherence vote.
     from sipstream.config import load_config
+    from sipstream.eval.judge_builtin import SPOIL_KINDS, run_judge_eval
     from sipstream.models.judge import Judge
-    from sipstream.models.judge_eval import SPOIL_KINDS, run_judge_eval
 
     spec = load_config(None).judge
     assert spec.quality_coherence_weight > 0

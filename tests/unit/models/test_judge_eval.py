@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from sipstream.models.judge import Judge
-from sipstream.models.judge_eval import (
+from sipstream.eval.judge_builtin import (
     SPOIL_KINDS,
     build_eval_sets,
     character_names,
@@ -16,6 +15,7 @@ from sipstream.models.judge_eval import (
     spoil,
     swap_names,
 )
+from sipstream.models.judge import Judge
 
 
 def test_roc_auc_against_hand_counts():

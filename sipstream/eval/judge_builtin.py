@@ -1,4 +1,5 @@
-"""How good is the judge? Labelled checks per criterion (``sipstream judge-eval``).
+"""The judge-eval sets built from shipped material: quality (spoiled suffixes) and the in-distribution
+safety and factuality checks (``sipstream judge-eval --builtin``).
 
 Built at run time, seeded, from the shipped material in ``judge_eval_data/`` (see its README for
 sources and licences), the way the paper built its judge data:
@@ -24,9 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sipstream.eval.judge import roc_auc
 from sipstream.models.judge import Judge
 
-DATA_DIR = Path(__file__).resolve().parent / "judge_eval_data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "models" / "judge_eval_data"
 SPOIL_KINDS = ("shuffled", "repeated", "truncated", "off_topic")
 # Neutral lead-ins shared by unsafe items and half of the safe ones.
 NEUTRAL_PREFIXES = (
@@ -53,16 +55,6 @@ class JudgeEvalReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    positives = [score for score, label in zip(scores, labels, strict=True) if label]
-    negatives = [score for score, label in zip(scores, labels, strict=True) if not label]
-    if not positives or not negatives:
-        raise ValueError("AUC needs at least one positive and one negative item")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
