@@ -7,11 +7,13 @@ a live topic differs from its spec. Producers and consumers validate values agai
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import yaml
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
@@ -57,13 +59,26 @@ class TopicSpec(BaseModel):
     def validator(self) -> Draft202012Validator:
         return Draft202012Validator(self.schema_, format_checker=FormatChecker())
 
+    @cached_property
+    def compiled(self) -> Callable[[Any], Any]:
+        """The schema compiled to Python (fastjsonschema): ~10-100x faster than walking it per record."""
+        return fastjsonschema.compile(self.schema_)
+
     def errors(self, value: Any) -> list[str]:
-        """Schema violations of `value`, as `path: message` lines (empty when valid)."""
-        out = []
-        for err in sorted(self.validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
-            where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-            out.append(f"{where}: {err.message[:300]}")
-        return out
+        """Schema violations of `value`, as `path: message` lines (empty when valid).
+
+        Every record on the bus passes here twice (in and out), so the compiled validator decides; only
+        a record it rejects is walked again by jsonschema, whose messages name every violation. A unit
+        test checks both agree on valid and mutated records of every topic."""
+        try:
+            self.compiled(value)
+            return []
+        except fastjsonschema.JsonSchemaValueException as rejected:
+            out = []
+            for err in sorted(self.validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
+                where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+                out.append(f"{where}: {err.message[:300]}")
+            return out or [f"(root): {rejected.message[:300]}"]
 
 
 def topics_dir(bus: BusConfig | None = None) -> Path:
