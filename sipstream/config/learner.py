@@ -101,6 +101,11 @@ class LearnerConfig(BaseModel):
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute precision. Weights and optimizer state stay float32; `bfloat16` autocasts the forward pass
     (`auto`: bfloat16 on CUDA, float32 on CPU, where bf16 matmuls are slow)."""
+    dist_timeout_s: float = Field(600.0, gt=0)
+    """Under torchrun: longest wait of one rank in a collective (the step's broadcast, the gradient
+    all-reduce) before it fails instead of hanging on a dead or stuck peer. The other ranks wait while
+    rank 0 publishes and checkpoints, so it must exceed those; while rank 0 waits for pairs it sends
+    keep-alives every quarter of it."""
     dedupe_capacity: int = Field(1_000_000, ge=1)
     """Item ids remembered to train no item twice within a run (checkpointed with the offsets)."""
 

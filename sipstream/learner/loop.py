@@ -57,10 +57,10 @@ from sipstream.learner.checkpoint import (
 )
 from sipstream.learner.distributed import (
     DistInfo,
-    all_reduce_sum,
-    broadcast_object,
+    StepChannel,
     init_distributed,
     shutdown,
+    sum_over_ranks,
 )
 from sipstream.learner.losses import ALGOS
 from sipstream.learner.policy import (
@@ -105,7 +105,7 @@ def resolve_learner_config(cfg: Any, learner: LearnerConfig | None) -> LearnerCo
 def initial_weights_sha256(policy: Policy, cfg: Any, dist: DistInfo, expect: str | None) -> str:
     """The initial weights' hash, before any checkpoint is restored: what a replay must start from."""
     initial = tensors_sha256(unique_state_dict(policy.model)) if dist.is_main else ""
-    if expect is not None and initial != expect:
+    if expect is not None and dist.is_main and initial != expect:
         raise UserError(f"models.policy.source {cfg.models.policy.source!r} now builds initial weights with sha256 "
                         f"{initial[:12]}…, the recorded run started from {expect[:12]}…; "
                         "point models.policy.source at the original checkpoint (--set models.policy.source=...)")
@@ -195,6 +195,7 @@ class Learner:
                                 extra=manifest_extra) if self.reader is not None else None
 
         self.stop_requested = False
+        self.steps_channel = StepChannel(dist, lcfg.dist_timeout_s)
         self.gauges: dict[str, float | None] = {}
         self.interval_tokens, self.last_metrics = 0.0, time.monotonic()
         # /livez, /readyz, /metrics on rank 0 only (one port per machine). Started once set-up succeeded, so
@@ -208,6 +209,7 @@ class Learner:
 
     def stopping(self) -> bool:
         self.health.beat()  # called on every poll, also while waiting for pairs: the loop is alive
+        self.steps_channel.keepalive()  # under DDP: the other ranks wait for this step in a collective
         return self.stop_requested
 
     # ----------------------------------------------------------------------- consume
@@ -218,7 +220,7 @@ class Learner:
         if self.reader is not None:
             batch = consume_step(self.reader, self.state, self.seen, self.algo, self.lcfg, self.policy.tokenizer,
                                  self.policy.max_seq_tokens, self.stopping)
-        return broadcast_object(batch, self.dist)
+        return self.steps_channel.send(batch)
 
     # ----------------------------------------------------------------------- loss and step
 
@@ -233,15 +235,15 @@ class Learner:
         self.state.step += 1
         if lcfg.reference_refresh_every and self.state.step % lcfg.reference_refresh_every == 0:
             policy.reference.load_state_dict(policy.model.state_dict())
-        names = sorted(sums)
-        totals = dict(zip(names, all_reduce_sum([sums[n] for n in names], dist, policy.device), strict=True))
+        totals = sum_over_ranks(sums, dist)
         seconds = time.perf_counter() - started
         self.gauges.update({
             "loss": totals["loss"] / max(totals["weight"], 1e-9), "grad_norm": grad_norm,
             "lr": policy.scheduler.get_last_lr()[0], "step_seconds": seconds,
             "step_tokens_per_s": totals["tokens"] / max(seconds, 1e-9),
             "policy_lag": batch.counters["policy_lag_sum"] / len(batch.examples),
-            **{name: totals[name] / totals["pairs"] for name in names if name not in ("loss", "weight", "pairs", "tokens")},
+            **{name: totals[name] / totals["pairs"] for name in sorted(totals)
+               if name not in ("loss", "weight", "pairs", "tokens")},
         })
         self.counters["pairs_trained"] += len(batch.examples)
         self.counters["tokens_trained"] += totals["tokens"]
@@ -422,7 +424,7 @@ def run_learner(
     run's; `manifest_extra` is merged into this run's manifest.
     """
     lcfg = resolve_learner_config(cfg, learner)
-    dist = init_distributed(resolve_device(lcfg))
+    dist = init_distributed(resolve_device(lcfg), lcfg.dist_timeout_s)
     learner_run = Learner(cfg, lcfg, bootstrap, dist, instance_id=instance_id, pair_reader=pair_reader,
                           expect_initial_sha256=expect_initial_sha256, manifest_extra=manifest_extra)
     if handle_signals:

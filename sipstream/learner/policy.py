@@ -170,8 +170,11 @@ def accumulate_gradients(
         sums["pairs"] = sums.get("pairs", 0) + len(group)
         sums["tokens"] = sums.get("tokens", 0) + sum(e.tokens for e in group)
     if not passes and dist.enabled:
-        # A rank with no share (a short final step) must still join the gradient all-reduce.
-        (sum(p.sum() for p in policy.model.parameters()) * 0.0).backward()
+        # A rank with no share (a short final step) must still join the gradient all-reduce, and DDP
+        # all-reduces only in a backward through its own forward: one token's logits times zero.
+        with policy.autocast():
+            logits = policy.train_model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=policy.device)).logits
+        (logits.sum() * 0.0).backward()
     # .item() is a sync point on GPU: once per step, not per micro-batch.
     return {name: float(value) for name, value in sums.items()}
 
