@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -62,6 +64,30 @@ def init_distributed(device_type: str, timeout_s: float) -> DistInfo:
                                       timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank,
                     enabled=True)
+
+
+MAIN_RANK_FIRST_TIMEOUT = timedelta(hours=2)
+"""How long the other ranks wait for rank 0 in `main_rank_first`: a first download of a large model."""
+
+
+@contextmanager
+def main_rank_first(dist: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block alone first, then the other ranks together: for work on a shared cache
+    (building or converting a model into `models.*.cache_dir`) that ranks running at once would tear.
+    The wait has its own gloo group and timeout: it may take far longer than `learner.dist_timeout_s`."""
+    if not dist.enabled:
+        yield
+        return
+    import torch.distributed as torch_dist
+
+    group = torch_dist.new_group(backend="gloo", timeout=MAIN_RANK_FIRST_TIMEOUT)
+    if not dist.is_main:
+        torch_dist.barrier(group=group)
+    try:
+        yield
+    finally:
+        if dist.is_main:
+            torch_dist.barrier(group=group)
 
 
 def wrap_model(model: Any, dist: DistInfo, device_type: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sipstream.config.learner import LearnerConfig
 from sipstream.errors import UserError
-from sipstream.learner.distributed import DistInfo, wrap_model
+from sipstream.learner.distributed import DistInfo, main_rank_first, wrap_model
 from sipstream.learner.losses import ALGOS, Algo, LossInputs
 from sipstream.learner.sequences import Example, sequence_logps, split_by_tokens
 
@@ -100,7 +100,8 @@ def build_policy(policy_spec: Any, cfg: LearnerConfig, dist: DistInfo = SINGLE_P
     # Whatever backend serves rollouts, the learner trains the transformers model of the same source.
     spec = policy_spec.model_copy(update={"backend": "hf", "device": device_type, "dtype": "float32",
                                           "max_prompt_tokens": max_seq_tokens})
-    hf = HFModel(spec)
+    with main_rank_first(dist):  # the first rank to load a model may build it in the shared cache
+        hf = HFModel(spec)
     model = hf.model.to(device)
     # Dropout off (TRL's disable_dropout default): policy and reference log-probs are then comparable,
     # and a step is a deterministic function of its batch.

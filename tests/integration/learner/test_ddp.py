@@ -214,3 +214,20 @@ def test_kill_9_of_a_rank_stops_the_job_and_a_restart_trains_every_pair_once(bus
     figures(f"ddp_kill_9_rank_{victim}", pairs=PAIRS, steps=STEPS, checkpoint_step_at_kill=checkpoint_at_kill,
             torchrun_stopped_s=round(stopped_s, 1), restarted_run_s=round(restart_s, 1),
             pairs_trained=state["counters"]["pairs_trained"])
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_pairs_longer_than_the_collective_timeout(bus, tiny_cfg, tmp_path, make_pair) -> None:
+    # Rank 1 waits for each step in a broadcast that times out after dist_timeout_s; rank 0's wait for
+    # pairs has no bound, so its keep-alives (every quarter of the timeout) must keep rank 1 in the job.
+    log = tmp_path / "waiting.log"
+    job = start_ddp(tiny_cfg, "waiting", tmp_path, dist_timeout_s=8, max_steps=1, idle_timeout_s=600)
+    deadline = time.monotonic() + 300
+    while b'"learner started"' not in log.read_bytes():
+        assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(3 * 8)  # three timeouts without a pair
+    assert job.poll() is None, log.read_text()[-3000:]
+    bus.produce(T.PAIRS, [make_pair(i) for i in range(4)], key="one-partition")
+    finish(job, log, 120)
+    assert final_state(tmp_path, "waiting")["counters"]["pairs_trained"] == 4
