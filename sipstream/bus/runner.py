@@ -10,14 +10,17 @@ not UTF-8, not JSON, schema violation, processor exception, invalid output, an o
 produce) goes to `sip.deadletter` with its reason, source coordinates and original bytes, and the
 stream continues. One limit, `runner.max_record_bytes`, bounds what is read and what is written (the
 producer's `message.max.bytes` derives from it), so no record can stop a stage at produce time. SIGTERM finishes
-the batch in hand, flushes, commits and leaves the group.
+the batch in hand, flushes, commits and leaves the group; `abandon()` (the same signal a second time) leaves the
+batch in hand at once, uncommitted: the next consumer of the group is handed it again, so nothing is lost.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -89,6 +92,17 @@ class Stage(Generic[In, Out]):
         """Release models and files."""
 
 
+class BatchAbandoned(BaseException):
+    """Raised into a runner's loop by `abandon()`: the batch in hand is left uncommitted. A BaseException, as
+    KeyboardInterrupt is: the runner's and the stages' `except Exception` must not swallow it."""
+
+
+def _raise_in_thread(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise `exc` in Python thread `thread_id` at its next bytecode (None: withdraw one not raised yet). A
+    model call is many short torch ops, so it is left within one op; a long call into C finishes first."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+
+
 class DeliveryError(BrokerError):
     """Produced records were not acknowledged; the batch is not committed and will be re-delivered."""
 
@@ -133,6 +147,11 @@ class StageRunner:
         self._log_records = cfg.logging.level == "debug"
         self.stats = RunnerStats()
         self._stopping = False
+        # abandon(): who is in a batch (the thread id) and whether it was told to leave it; guarded by the lock.
+        self._batch_lock = threading.RLock()  # re-entrant: abandon() may run in a signal handler on the loop's thread
+        self._batch_thread: int | None = None
+        self._abandoning = False
+        self._abandon_sent = False
         self._delivery_errors: list[str] = []
         self._refused: list[tuple[Any, Rejected]] = []  # (source record, why) of outputs the broker refused
         self._last_metrics = time.monotonic()
@@ -173,6 +192,23 @@ class StageRunner:
         """Ask the loop to finish the batch in hand and exit (safe from a signal handler)."""
         self._stopping = True
 
+    def abandon(self) -> None:
+        """Stop now: leave the batch in hand without committing it (safe from a signal handler, from any thread).
+
+        For a stop that cannot wait for a slow batch (a second SIGTERM; `sipstream run` sends it when an
+        interrupted worker is past its grace). At-least-once keeps it safe: the batch's offsets are not
+        committed, so the group's next consumer is handed it again; outputs it already produced are
+        duplicates that downstream drops by `item_id`."""
+        self._stopping = True
+        with self._batch_lock:
+            self._abandoning = True
+            if self._batch_thread is None or self._abandon_sent:
+                return  # between batches: the loop leaves at its next turn
+            self._abandon_sent = True
+            if self._batch_thread == threading.get_ident():
+                raise BatchAbandoned  # a signal handler running on the loop's own thread
+            _raise_in_thread(self._batch_thread, BatchAbandoned)
+
     @property
     def stopping(self) -> bool:
         return self._stopping
@@ -196,7 +232,8 @@ class StageRunner:
                 self.health.beat()
                 records = usable_messages(messages, self.cfg.bus.topic(self.stage.input_topic), self.log)
                 if records:
-                    self._handle_batch(records)
+                    if not self._handle_batch_unless_abandoned(records):
+                        break
                     batches += 1
                 self._maybe_publish_metrics()
                 if max_batches is not None and batches >= max_batches:
@@ -206,6 +243,27 @@ class StageRunner:
         finally:
             self._shutdown()
         return self.stats
+
+    def _handle_batch_unless_abandoned(self, records: list[Any]) -> bool:
+        """Handle a batch; False when `abandon()` made the loop leave it, uncommitted."""
+        try:
+            try:
+                with self._batch_lock:
+                    if self._abandoning:
+                        raise BatchAbandoned
+                    self._batch_thread = threading.get_ident()
+                self._handle_batch(records)
+            finally:
+                with self._batch_lock:
+                    self._batch_thread = None
+                    if self._abandon_sent:  # sent but not raised yet (the batch ended first): withdraw it
+                        _raise_in_thread(threading.get_ident(), None)
+        except BatchAbandoned:
+            self.stats.counters["abandoned_batches"] += 1
+            self.log.warning("batch abandoned at the stop, uncommitted: the group's next consumer is handed it again",
+                             records=len(records), topic=records[0].topic())
+            return False
+        return True
 
     def _handle_batch(self, records: list[Any]) -> None:
         batch_started = time.perf_counter()

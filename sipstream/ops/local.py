@@ -8,12 +8,13 @@ that their pairs arrive stale), follows the records to the last topic with a liv
 Stopping, at the end or on Ctrl-C / SIGTERM: every child gets SIGTERM at once (a worker finishes its
 batch and commits; the learner finishes its step, publishes, checkpoints and commits), each within its
 own timeout (`local.stop_timeout_s`, `local.learner_stop_timeout_s`; a second Ctrl-C kills what is
-left). Then the run's record is written while the broker still holds the topics: `manifest.json`, and
-for an in-memory broker an `export/` archive of every topic, so `sipstream replay` works on an
-interrupted run too. Then the broker stops and `summary.json` is written (pairs judged, trained and
-dropped by reason; each child's exit code, and why one was killed). An interrupted run exits with 130
-(the shell's code for Ctrl-C) after writing its record. A child that crashes is restarted (up to
-`local.max_restarts` times) and reported.
+left). On an interrupt a worker finishes its batch only within `INTERRUPT_GRACE_S`; then a second SIGTERM
+makes it leave the batch uncommitted (handed out again on the next run). Then the run's record is written
+while the broker still holds the topics: `manifest.json`, and for an in-memory broker an `export/` archive
+of every topic (all partitions read at once), so `sipstream replay` works on an interrupted run too. Then
+the broker stops and `summary.json` is written (pairs judged, trained and dropped by reason; each child's
+exit code, and why one was killed). An interrupted run exits with 130 (the shell's code for Ctrl-C) after
+writing its record. A child that crashes is restarted (up to `local.max_restarts` times) and reported.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from sipstream.ops.ingest import (
 )
 from sipstream.ops.lifeline import SUPERVISOR_ENV, terminate_as_interrupt
 from sipstream.ops.manifest import pipeline_manifest
-from sipstream.replay.export import export_topic
+from sipstream.replay.export import export_topics
 from sipstream.replay.source import ARCHIVE_DIR
 from sipstream.runs.manifest import MANIFEST_NAME, topic_positions
 from sipstream.telemetry.logs import get_logger
@@ -64,6 +65,10 @@ FINAL_TOPIC = T.PAIRS
 STATUS_TOPICS = (T.DOCUMENTS, T.PREFIXES, T.REWRITTEN, T.ROLLOUTS, T.JUDGED, T.PAIRS)
 # Dead letters of these stages are items that never reach the learner (split's are documents).
 ITEM_STAGES = frozenset({"rewrite", "rollout", "judge", "assemble"})
+# On Ctrl-C / SIGTERM a worker gets this long to finish the batch in hand; then a second SIGTERM makes it
+# leave the batch uncommitted (handed out again on the next run: nothing is lost). A judge batch of the
+# tiny models took 11-16 s to finish on 2 loaded cores, most of an interrupted run's stop.
+INTERRUPT_GRACE_S = 3.0
 
 
 @dataclass
@@ -98,7 +103,10 @@ class LocalRunResult:
     """How the judge saw the stream's own text: originals judged, flagged unsafe (safety below
     judge.safety_threshold), and the share flagged."""
     stop_seconds: dict[str, float] = field(default_factory=dict)
-    """How long the stop took: `children` (all of them, in parallel) and `record` (manifest and archive)."""
+    """How long the stop took: `children` (all of them, in parallel) and `record`: `manifest` (reading where
+    every topic ends) then `archive` (the export of an in-memory broker's topics)."""
+    child_stop_seconds: dict[str, float] = field(default_factory=dict)
+    """How long each child took to stop, from its first SIGTERM to its exit."""
     seconds: float = 0.0
 
 
@@ -226,24 +234,31 @@ class StopOutcome:
     exit_codes: dict[str, int] = field(default_factory=dict)
     killed: dict[str, str] = field(default_factory=dict)
     """Children killed with SIGKILL, and why."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """How long each child took to stop, from the SIGTERM."""
 
 
 def stop_children(children: list[Child], timeouts: dict[str, float], default_timeout_s: float,
-                  hurry: threading.Event | None = None) -> StopOutcome:
+                  hurry: threading.Event | None = None, grace: dict[str, float] | None = None) -> StopOutcome:
     """SIGTERM every child at once, then wait for each until its own timeout (`timeouts[name]`, else
     `default_timeout_s`, counted from the SIGTERM) and kill it past that, or at once when `hurry` is set
-    (a second Ctrl-C). A stop takes the longest child's time, not the sum. Children never started are
-    left out."""
+    (a second Ctrl-C). A child named in `grace` still running that many seconds after the SIGTERM gets
+    a second one: a worker then leaves the batch in hand uncommitted (`StageRunner.abandon`). A stop takes
+    the longest child's time, not the sum. Children never started are left out."""
     outcome = StopOutcome()
     pending = [child for child in children if child.proc is not None]
     for child in pending:
         child.terminate()
     sent = time.monotonic()
+    second_due = dict(grace or {})  # when each child not yet sent its second SIGTERM is due one
     while pending:
         waited = time.monotonic() - sent
         for child in list(pending):
             assert child.proc is not None
             code = child.proc.poll()
+            if code is None and second_due.get(child.name, float("inf")) <= waited:
+                del second_due[child.name]
+                child.terminate()
             timeout = timeouts.get(child.name, default_timeout_s)
             if code is None and (waited >= timeout or (hurry is not None and hurry.is_set())):
                 child.proc.kill()
@@ -252,6 +267,7 @@ def stop_children(children: list[Child], timeouts: dict[str, float], default_tim
                                               else f"interrupted again after {waited:.0f}s of its stop")
             if code is not None:
                 outcome.exit_codes[child.name] = code
+                outcome.seconds[child.name] = round(time.monotonic() - sent, 1)
                 pending.remove(child)
         time.sleep(0.05)
     return outcome
@@ -631,9 +647,14 @@ class LocalRun:
                 if peak is not None:
                     result.peak_rss_mb[child.name] = round(peak, 1)
             stop_started = time.monotonic()
+            # Interrupted: a worker gets INTERRUPT_GRACE_S to finish its batch, then leaves it uncommitted;
+            # the learner keeps its orderly stop (it trains and checkpoints what it holds).
+            grace = ({child.name: INTERRUPT_GRACE_S for child in self.children if child.name != "learner"}
+                     if result.stopped_by == "interrupt" else None)
             outcome = stop_children(self.children, {"learner": self.cfg.local.learner_stop_timeout_s},
-                                    self.cfg.local.stop_timeout_s, hurry)
+                                    self.cfg.local.stop_timeout_s, hurry, grace)
             result.stop_seconds["children"] = round(time.monotonic() - stop_started, 1)
+            result.child_stop_seconds.update(outcome.seconds)
             result.exit_codes.update(outcome.exit_codes)
             result.killed.update(outcome.killed)
             for name, why in outcome.killed.items():
@@ -690,11 +711,14 @@ class LocalRun:
         extra: dict[str, Any] = {"status": status}
         if threads and threads.isdigit():
             extra["threads"] = {"learner": int(threads)}
+        started = time.monotonic()
         pipeline_manifest(run_dir, cfg, self.bootstrap, self.begin, stages=PIPELINE, ephemeral=ephemeral,
                           archive=ARCHIVE_DIR if ephemeral else None, extra=extra)
-        if ephemeral:
-            for topic in T.CORE_TOPICS:
-                export_topic(topic, run_dir, str(run_dir / ARCHIVE_DIR), bootstrap=self.bootstrap)
+        self.result.stop_seconds["manifest"] = round(time.monotonic() - started, 1)
+        if ephemeral:  # every partition of every topic read at once (one consumer each)
+            started = time.monotonic()
+            export_topics(list(T.CORE_TOPICS), run_dir, str(run_dir / ARCHIVE_DIR), bootstrap=self.bootstrap)
+            self.result.stop_seconds["archive"] = round(time.monotonic() - started, 1)
 
 
 def run_local(cfg: Config, documents: list[dict] | None = None, sources: list[str] | None = None) -> LocalRunResult:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sipstream.bus.embedded import resolve_bootstrap
 from sipstream.bus.runner import RunnerStats, StageRunner
@@ -31,6 +33,34 @@ def parse_stages(spec: str) -> list[str]:
     return names
 
 
+def stop_on_signals(stop: Callable[[], None], abandon: Callable[[], None]) -> None:
+    """SIGTERM or SIGINT: finish the batch in hand, commit and leave. The same signal a second time: leave the
+    batch in hand now, uncommitted (`StageRunner.abandon`; it is handed out again, nothing is lost).
+
+    Counted per signal, as `sipstream run` needs: Ctrl-C in its terminal reaches a worker as SIGINT and the
+    supervisor's stop as SIGTERM, which together are one stop; the supervisor's second SIGTERM, when the
+    worker is past its grace, or a second Ctrl-C, is the one that abandons."""
+    received: set[int] = set()
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum in received:
+            abandon()
+        else:
+            received.add(signum)
+            stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def ignore_stop_signals() -> None:
+    """The loop has ended (flushed, committed, left the group): the process is only exiting now, and the
+    interpreter's teardown of torch takes seconds on a busy machine. A late second SIGTERM must not kill
+    it there (Python restores the default handler during that teardown, so it would read as a crash, -15)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_worker(
     cfg: Config,
     stage_name: str,
@@ -48,10 +78,12 @@ def run_worker(
     stage = build_stage(names[0], cfg)  # loads the stage's model: the slow part of a worker's start
     runner = StageRunner(stage, cfg, bootstrap, instance_id=instance_id, static_membership=static_membership,
                          model_load_seconds=time.perf_counter() - load_started)
-    # The handler only sets a flag: the loop finishes its batch, flushes, commits, then exits.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: runner.stop())
-    return runner.run(max_batches=max_batches)
+    # The first signal only sets a flag: the loop finishes its batch, flushes, commits, then exits.
+    stop_on_signals(runner.stop, runner.abandon)
+    try:
+        return runner.run(max_batches=max_batches)
+    finally:
+        ignore_stop_signals()
 
 
 def run_stages(
@@ -86,8 +118,11 @@ def run_stages(
         for runner in runners:
             runner.stop()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop_all)
+    def abandon_all() -> None:  # from the main thread: each runner's loop thread is told to leave its batch
+        for runner in runners:
+            runner.abandon()
+
+    stop_on_signals(stop_all, abandon_all)
     results: list[RunnerStats | None] = [None] * len(runners)
     errors: list[BaseException] = []
 
@@ -105,6 +140,7 @@ def run_stages(
     for thread in threads:
         while thread.is_alive():  # join with a timeout: the main thread keeps handling signals
             thread.join(timeout=0.5)
+    ignore_stop_signals()
     if errors:
         raise errors[0]
     return [result for result in results if result is not None]

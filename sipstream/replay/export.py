@@ -1,7 +1,8 @@
 """Archive a run's topics to files and put them back on any cluster.
 
 `export_topic` writes the range of one topic that a run recorded in its manifest to an fsspec URI
-(`file://`, `s3://`, a plain path), with the run's manifest and consumption log beside it:
+(`file://`, `s3://`, a plain path), with the run's manifest and consumption log beside it (`export_topics`
+does several topics, reading all their partitions at once):
 
     <uri>/export.json                    what is here: format, topics, ranges, files, record counts
     <uri>/manifest.json                  the run's manifest (and consumption.jsonl, for a learner run)
@@ -24,6 +25,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,9 +134,24 @@ def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl",
 
     The broker is checked first (reachable, holding the topic and its partitions): a failed export
     leaves no `<to>/<topic>/` folder behind."""
+    return export_topics([topic], run, to, fmt=fmt, bootstrap=bootstrap, bus=bus)[topic]
 
-    if fmt not in ("jsonl", "parquet"):
-        raise UserError(f"--format must be jsonl or parquet, not {fmt!r}")
+
+@dataclass
+class _TopicExport:
+    """One topic to export: the manifest that recorded it (the pipeline's, or its learner's) and where it is."""
+
+    topic: str
+    run_dir: Path
+    data: dict[str, Any]
+    entry: dict[str, Any]
+    bus: Any
+    bootstrap: str
+    folder: str = ""
+    created: bool = False
+
+
+def _plan(topic: str, run: str | Path, bootstrap: str | None, bus: Any) -> _TopicExport:
     run_dir, data = M.load_manifest(run)
     pipeline = data
     if topic not in data.get("topics", {}) and data.get("learner_run"):
@@ -145,31 +163,67 @@ def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl",
         where = run_dir / pipeline.get("archive", ARCHIVE_DIR)
         raise UserError(f"run {run_dir} ran on an in-memory broker that ended with it; its topics are already "
                         f"exported in {where} (copy that folder, or put it on a bus with `sipstream import {where}`)")
-    bus = bus or recorded_config(data, run_dir).bus
-    bootstrap = bootstrap or data["bus"]["bootstrap_servers"]
-    require_topics(bus, bootstrap, {entry["live_name"]: [int(p) for p in entry["partitions"]]},
-                   "export from the cluster that holds the run (--bootstrap-servers)")
-    fs, root = _fs(to)
-    folder = f"{root}/{topic}"
-    created = not fs.exists(folder)
-    fetcher = RecordFetcher(bus, bootstrap, entry["live_name"])
-    files, count = [], 0
+    return _TopicExport(topic, run_dir, data, entry, bus or recorded_config(data, run_dir).bus,
+                        bootstrap or data["bus"]["bootstrap_servers"])
+
+
+def _export_partition(plan: _TopicExport, partition: str, start: int, end: int, fs: Any, root: str,
+                      fmt: Format) -> tuple[str, int]:
+    """Read one partition's range with its own consumer and write its file; returns (file, records)."""
+    fetcher = RecordFetcher(plan.bus, plan.bootstrap, plan.entry["live_name"])
     try:
-        for partition, (start, end) in sorted(entry["partitions"].items(), key=lambda kv: int(kv[0])):
-            rows = _rows(fetcher.read_range(int(partition), start, end))
-            name = f"{topic}/partition-{int(partition)}.{fmt}"
-            fs.makedirs(folder, exist_ok=True)
-            _write_bytes(fs, f"{root}/{name}", _encode_jsonl(rows) if fmt == "jsonl" else _encode_parquet(rows))
-            files.append(name)
-            count += len(rows)
-        fs.makedirs(folder, exist_ok=True)  # an empty folder: archived, no records (e.g. no dead letters)
-    except BaseException:
-        if created and fs.exists(folder):
-            fs.rm(folder, recursive=True)  # no half-written topic beside complete ones
-        raise
+        rows = _rows(fetcher.read_range(int(partition), start, end))
     finally:
         fetcher.close()
+    name = f"{plan.topic}/partition-{int(partition)}.{fmt}"
+    fs.makedirs(plan.folder, exist_ok=True)
+    _write_bytes(fs, f"{root}/{name}", _encode_jsonl(rows) if fmt == "jsonl" else _encode_parquet(rows))
+    return name, len(rows)
 
+
+def export_topics(topics: list[str], run: str | Path, to: str, *, fmt: Format = "jsonl", bootstrap: str | None = None,
+                  bus: Any = None, max_readers: int = 16) -> dict[str, dict[str, Any]]:
+    """`export_topic` for several topics at once: returns {topic: its export entry}; the files are the same.
+
+    Every partition is read at the same time (up to `max_readers`), each on its own thread with its own
+    consumer: a fetch waits up to half a second for a full batch, so the 27 partitions of a `sipstream run`
+    read one after another took most of the 14-19 s its record took at the stop (at once: ~1.2 s). The brokers are checked first; if any partition
+    fails, no topic folder this call created is left behind and nothing is added to export.json."""
+    if fmt not in ("jsonl", "parquet"):
+        raise UserError(f"--format must be jsonl or parquet, not {fmt!r}")
+    plans = [_plan(topic, run, bootstrap, bus) for topic in topics]
+    for where in {plan.bootstrap for plan in plans}:  # one metadata request per cluster
+        on_it = [plan for plan in plans if plan.bootstrap == where]
+        wanted = {plan.entry["live_name"]: [int(p) for p in plan.entry["partitions"]] for plan in on_it}
+        require_topics(on_it[0].bus, where, wanted, "export from the cluster that holds the run (--bootstrap-servers)")
+    fs, root = _fs(to)
+    for plan in plans:
+        plan.folder = f"{root}/{plan.topic}"
+        plan.created = not fs.exists(plan.folder)
+    jobs = [(plan, partition, start, end) for plan in plans
+            for partition, (start, end) in sorted(plan.entry["partitions"].items(), key=lambda kv: int(kv[0]))]
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(max_readers, len(jobs))), thread_name_prefix="export") as pool:
+            done = [pool.submit(_export_partition, plan, partition, start, end, fs, root, fmt)
+                    for plan, partition, start, end in jobs]
+            results = [future.result() for future in done]
+        for plan in plans:
+            fs.makedirs(plan.folder, exist_ok=True)  # an empty folder: archived, no records (e.g. no dead letters)
+    except BaseException:
+        for plan in plans:
+            if plan.created and fs.exists(plan.folder):
+                fs.rm(plan.folder, recursive=True)  # no half-written topic beside complete ones
+        raise
+    entries = {}
+    for plan in plans:
+        mine = [result for (owner, *_), result in zip(jobs, results, strict=True) if owner is plan]
+        entries[plan.topic] = _write_index(plan, fs, root, fmt, [name for name, _ in mine], sum(n for _, n in mine))
+    return entries
+
+
+def _write_index(plan: _TopicExport, fs: Any, root: str, fmt: Format, files: list[str], count: int) -> dict[str, Any]:
+    """The run's own record beside the data, and the topic's entry in export.json; returns that entry."""
+    run_dir, data, entry = plan.run_dir, plan.data, plan.entry
     # The run's own record travels with the data, so an import can rebuild a replayable run; a
     # pipeline run's learner (manifest and consumption log) goes to learner/.
     fs.makedirs(root, exist_ok=True)
@@ -185,10 +239,10 @@ def export_topic(topic: str, run: str | Path, to: str, *, fmt: Format = "jsonl",
         if log_path.is_file():
             _write_bytes(fs, f"{root}/{sub}{LOG_NAME}", log_path.read_bytes())
     index = _read_json(fs, f"{root}/{EXPORT_NAME}") or {"format": M.FORMAT, "run_name": data["run_name"], "topics": {}}
-    index["topics"][topic] = {"format": fmt, "live_name": entry["live_name"], "partitions": entry["partitions"],
-                              "records": count, "files": files, "exported_at": M.now()}
+    index["topics"][plan.topic] = {"format": fmt, "live_name": entry["live_name"], "partitions": entry["partitions"],
+                                   "records": count, "files": files, "exported_at": M.now()}
     _write_bytes(fs, f"{root}/{EXPORT_NAME}", json.dumps(index, indent=1).encode())
-    return index["topics"][topic]
+    return index["topics"][plan.topic]
 
 
 # --------------------------------------------------------------------------- import

@@ -11,12 +11,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from sipstream.bus import topics as T
+from sipstream.bus.runner import StageRunner
 from sipstream.config import project_root
 from sipstream.ops.local import Child, stop_children
+from sipstream.ops.worker import stop_on_signals
+from sipstream.stages.echo import EchoStage
 
 SMOKE = str(project_root() / "configs" / "smoke.yaml")
 CHILDREN = {"split", "rewrite", "rollout", "judge", "assemble", "learner"}
@@ -65,18 +70,25 @@ def test_sigterm_mid_run_leaves_a_record_that_replay_accepts(tmp_path: Path) -> 
     assert proc.returncode == 130, out[-3000:]
     run_dir = _run_dir(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
-    # Children stop in parallel (the longest batch in hand, not the sum). Then the record: manifest.json and
-    # the export of every topic, topic by topic. Measured at load average 5-7 on 2 shared cores: 28.0 s in
-    # all (children 11.4 s, record 14.7 s) and 32.2 s (16.4 s, the judge finishing its batch; 13.8 s). Not
-    # yet the ~10 s issue 18 asks for: an open point (a shorter grace for workers on interrupt, a faster export).
-    print(f"stop: {summary['stop_seconds']}")
-    assert summary["stop_seconds"]["children"] < 30 and stop_seconds < 60, (stop_seconds, summary["stop_seconds"])
+    # Children stop in parallel (the longest of them, not the sum); an interrupted worker finishes its batch only
+    # within its grace (3 s, INTERRUPT_GRACE_S), then leaves it uncommitted; the learner keeps its orderly stop.
+    # Then the record: manifest.json, and every partition of every topic exported at once. Measured on 2 cores
+    # shared with a running test suite. Before: 28.0 and 32.2 s at load average 5-7 (children 11.4 and 16.4 s,
+    # the judge finishing its batch; record 14.7 and 13.8 s, topic by topic), 83.8 s at load 14 (the judge
+    # killed at its 60 s stop timeout; record 19.1 s). Now, at load 6-7: 11.8 and 12.2 s (children 7.1 and
+    # 7.2 s, record 2.9 and 3.0 s: manifest 1.7, archive 1.2). Most of the children's time is now the exit of
+    # each process that holds torch (its interpreter's teardown: 1.7 s alone at load 4, ~6 s when five tear
+    # down together). The bound keeps 3 s of margin over the issue's ~10 s and our ~12 s for a loaded machine.
+    print(f"stop: {summary['stop_seconds']}; each child: {summary['child_stop_seconds']}")
+    assert stop_seconds <= 15 and summary["stop_seconds"]["record"] <= 6, (stop_seconds, summary["stop_seconds"])
     assert summary["stopped_by"] == "interrupt" and summary["exit_codes"] == dict.fromkeys(CHILDREN, 0), summary
     assert 0 < summary["completed"] < summary["items"] or summary["ingested"] < 64, summary
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["archive"] == "export"
     archived = json.loads((run_dir / "export" / "export.json").read_text())["topics"]
     assert set(archived) == set(manifest["topics"]) and archived["sip.pairs"]["records"] > 0
+    # Every partition read at once, and still every record of the recorded ranges.
+    assert {t: e["records"] for t, e in archived.items()} == {t: e["records"] for t, e in manifest["topics"].items()}
     # The learner's orderly stop ran to its end: final checkpoint after its last publication, then "stopped".
     learner = [e.get("event") for e in _events(run_dir / "logs" / "learner.log")]
     assert learner[-1] == "learner stopped" and "checkpoint written" in learner[learner.index("weights published"):]
@@ -116,6 +128,32 @@ def test_children_stop_in_parallel_each_within_its_own_timeout(tmp_path: Path) -
     assert outcome.exit_codes == {"worker-0": 0, "worker-1": 0, "worker-2": 0, "stuck": -9, "learner": 0}
     assert outcome.killed == {"stuck": "past its 3s stop timeout"}  # and said so: a -9 in the summary names its cause
     assert seconds < 6.5  # in parallel: the learner's 4 s, not the sum (3 × 2 + 3 + 4)
+
+
+def _stops_on_second_sigterm() -> list[str]:
+    """A worker with a slow batch in hand: the first SIGTERM is noted, the second makes it leave (exit 0)."""
+    code = ("import signal, sys, time\nseen = []\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0) if seen else seen.append(1))\n"
+            "print('ready', flush=True)\nwhile True: time.sleep(0.1)\n")
+    return [sys.executable, "-c", code]
+
+
+def _exits_3_on_second_sigterm(seconds: float) -> list[str]:
+    """A learner writing its final checkpoint for `seconds`; a second SIGTERM would make it exit 3."""
+    code = ("import os, signal, sys, time\nseen = []\n"
+            "def stop(*_):\n    if seen: os._exit(3)\n"
+            f"    seen.append(1)\n    time.sleep({seconds})\n    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\nwhile True: time.sleep(0.1)\n")
+    return [sys.executable, "-c", code]
+
+
+def test_an_interrupted_worker_past_its_grace_is_told_again_the_learner_is_not(tmp_path: Path) -> None:
+    children = [Child("judge", _stops_on_second_sigterm(), tmp_path), Child("learner", _exits_3_on_second_sigterm(3.0), tmp_path)]
+    _started(children)
+    outcome = stop_children(children, {"learner": 30.0}, default_timeout_s=30.0, grace={"judge": 1.0})
+    print(f"stopped: {outcome}")
+    assert outcome.exit_codes == {"judge": 0, "learner": 0} and not outcome.killed
+    assert 1.0 <= outcome.seconds["judge"] < 5 and outcome.seconds["learner"] >= 3.0, outcome.seconds
 
 
 def test_a_second_interrupt_kills_what_is_left_at_once(tmp_path: Path) -> None:
@@ -169,3 +207,72 @@ def test_a_run_trains_what_it_judges_and_accounts_every_drop(tmp_path: Path) -> 
     # Every judged pair is trained or dropped for a named reason.
     assert pairs["trained"] + sum(n for reason, n in pairs["dropped"].items() if reason != "duplicate") == pairs["judged"]
     assert "pairs judged 80, trained" in result.stdout
+
+
+class _SlowEcho(EchoStage):
+    """Echo at 0.5 s an item, as a model stage with a batch in hand: it says when the batch started."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.5)
+        self.started = threading.Event()
+        self.calls = 0
+
+    def process(self, item):
+        self.started.set()
+        self.calls += 1
+        return super().process(item)
+
+
+def _handed_again(bus, expected: int) -> int:
+    """How many records the stage's group is handed now (nothing committed: all of them again)."""
+    deadline = time.monotonic() + 60
+    again = StageRunner(EchoStage(), bus.cfg, bus.bootstrap).run(
+        until=lambda s: s.counters["consumed"] >= expected or time.monotonic() > deadline)
+    return again.counters["processed"]
+
+
+def test_abandon_leaves_the_batch_in_hand_uncommitted(bus, docs) -> None:
+    """A stop past its grace: the stage's thread leaves the batch within one item, commits nothing, and the
+    group's next consumer is handed the batch again (at-least-once: nothing is lost)."""
+    bus.produce(T.DOCUMENTS, docs(8))
+    stage = _SlowEcho()
+    runner = StageRunner(stage, bus.cfg, bus.bootstrap)
+    stats = Counter()
+    loop = threading.Thread(target=lambda: stats.update(runner.run().counters))
+    loop.start()
+    assert stage.started.wait(60)
+    runner.stop()
+    runner.abandon()  # from another thread, as `sipstream worker rewrite+judge` does for its stage threads
+    asked = time.monotonic()
+    loop.join(30)
+    left_after = time.monotonic() - asked
+    assert not loop.is_alive() and left_after < 3, left_after  # one 0.5 s item, not the rest of the batch
+    assert stats["abandoned_batches"] == 1 and stats["processed"] == 0 and stats["consumed"] > 0, stats
+    assert _handed_again(bus, 8) == 8
+
+
+def test_the_same_signal_twice_abandons_the_batch(bus, docs) -> None:
+    """`sipstream worker`: SIGINT (Ctrl-C in the terminal) and SIGTERM (the supervisor's stop) together are one
+    stop, so the batch goes on; SIGTERM again (the supervisor, past the worker's grace) leaves it uncommitted."""
+    bus.produce(T.DOCUMENTS, docs(8))
+    stage = _SlowEcho()
+    runner = StageRunner(stage, bus.cfg, bus.bootstrap)
+
+    def signals() -> None:
+        stage.started.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop_on_signals(runner.stop, runner.abandon)
+        threading.Thread(target=signals, daemon=True).start()
+        stats = runner.run().counters  # on this (the main) thread, where the handlers run, as in a worker
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert stats["abandoned_batches"] == 1 and stats["processed"] == 0, stats
+    assert 2 <= stage.calls < 8, stage.calls  # it went on after the first two signals, and left at the third
+    assert _handed_again(bus, 8) == 8
