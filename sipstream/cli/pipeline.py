@@ -19,7 +19,7 @@ from sipstream.ops.ingest import Rejected, iter_documents, produce_documents
 from sipstream.ops.lifeline import die_with_supervisor
 from sipstream.ops.local import run_local
 from sipstream.ops.status import run_status
-from sipstream.ops.worker import run_worker
+from sipstream.ops.worker import prepare_exit, run_worker
 
 topics_app = typer.Typer(help="Create, list and compare the topics in topics/.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
@@ -185,6 +185,7 @@ def learner(
     cfg = load(config, sets, bootstrap_servers,
                fields={"learner.algo": algo, "learner.max_steps": max_steps, "learner.idle_timeout_s": idle_timeout})
     run_learner(cfg, resolve_bootstrap(cfg), instance_id=instance_id)
+    prepare_exit()  # trained, published, checkpointed: a late stop signal must not turn the exit into -15
 
 
 @app.command()
