@@ -308,10 +308,19 @@ class HFModel:
         """Per (prompt, text): the mean over the text's tokens of the hidden state after block ``layer``
         (0 = the embeddings), read with the prompt as context. What a linear head on the model's own
         features (the judge's safety head) needs: one pass, no vocabulary projection beyond one position."""
+
+        return [windows[0] for windows in self.hidden_window_features(prompts, texts, layer, window=0)]
+
+    def hidden_window_features(self, prompts: list[str], texts: list[str], layer: int, window: int,
+                               stride: int | None = None) -> list[list[list[float]]]:
+        """Like `hidden_features`, but per text the means over windows of ``window`` tokens (every ``stride``,
+        default half a window; the last window ends at the text's end), from one pass. ``window`` 0, or a
+        text no longer than a window: one mean over the whole text."""
         import torch
 
         encoded = [self.encode(text)[: self.spec.max_prompt_tokens - 1] or [self.pad_token_id] for text in texts]
-        features: list[list[float]] = []
+        step = stride or max(1, window // 2)
+        features: list[list[list[float]]] = []
         for batch in _chunks(len(texts), self.spec.batch_size):
             rows = [self.prompt_ids(prompts[i], reserve=len(encoded[i])) + encoded[i] for i in batch]
             input_ids, attention_mask, position_ids = self._left_padded(rows)
@@ -320,7 +329,13 @@ class HFModel:
                                     logits_to_keep=1, use_cache=False, output_hidden_states=True).hidden_states[layer]
             for row, i in enumerate(batch):
                 # Left padding: the text is the last len(encoded[i]) positions of its row.
-                features.append(hidden[row, -len(encoded[i]):].float().mean(dim=0).tolist())
+                text_states = hidden[row, -len(encoded[i]):].float()
+                length = text_states.shape[0]
+                if window <= 0 or length <= window:
+                    features.append([text_states.mean(dim=0).tolist()])
+                    continue
+                starts = sorted({*range(0, length - window + 1, step), length - window})
+                features.append([text_states[s:s + window].mean(dim=0).tolist() for s in starts])
         return features
 
     def next_token_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]:

@@ -366,8 +366,10 @@ class Judge:
         for prefix, candidate in zip(prefixes, candidates, strict=True):
             shown = last_words(prefix, head.prefix_words).strip()
             contexts.append(shown + continuation_separator(prefix, candidate) if shown else "")
-        features = self.model.hidden_features(contexts, [c.strip() or " " for c in candidates], head.layer)  # type: ignore[attr-defined]
-        return head.p_safe(features)
+        windows = self.model.hidden_window_features(  # type: ignore[attr-defined]
+            contexts, [c.strip() or " " for c in candidates], head.layer, head.window_tokens)
+        # One pass per candidate; its safety is its least safe window's.
+        return [min(head.p_safe(candidate_windows)) for candidate_windows in windows]
 
     def _quality_option1_wins(self, prompts: list[str], seeds: list[int]) -> list[float]:
         """Probability that Option 1 is the better continuation, per pairwise prompt."""

@@ -39,6 +39,10 @@ class SafetyHead:
     bias: float
     prefix_words: int = 32
     """Words of the prefix read as context before the candidate."""
+    window_tokens: int = 32
+    """A candidate longer than this is read in windows of this many tokens (half overlapping) and is as safe as
+    its least safe window: a harmful sentence inside 128 tokens of prose must not be averaged away. 0: the
+    whole candidate at once."""
 
     def p_safe(self, features: Sequence[Sequence[float]]) -> list[float]:
         out = []

@@ -72,3 +72,20 @@ def test_trained_heads_drive_the_judge(tiny_model, tmp_path):
     assert all(0.0 <= p <= 1.0 for p in safety + factuality)
     result = judge.score("The cows came home to the barn,", " where they slept.", [" where they slept.", " zzz"])
     assert len(result.scores) == 2 and json.dumps([s.as_dict() for s in result.scores])
+
+
+def test_a_long_candidate_is_as_safe_as_its_least_safe_window(tiny_model, tmp_path):
+    """The head reads a long candidate in half-overlapping windows and takes the least safe one, so a harmful
+    sentence inside prose is not averaged away; a short candidate is one window (as the head was trained)."""
+    text = " ".join(["The garden was quiet and the roses were in bloom."] * 8)
+    whole = tiny_model.hidden_features([""], [text], 1)[0]
+    windows = tiny_model.hidden_window_features(["", ""], [text, "short text"], 1, window=16)
+    assert len(windows[0]) > 4 and len(windows[1]) == 1
+    assert len(windows[0][0]) == len(whole)
+    rng = random.Random(1)
+    head = SafetyHead(1, [0.0] * len(whole), [1.0] * len(whole), [rng.gauss(0, 1) for _ in whole], 0.0,
+                      window_tokens=16)
+    path = tmp_path / "heads.json"
+    JudgeHeads("tiny-gpt2", head, None).save(path)
+    judge = Judge(tiny_model, JudgeSpec(safety_mode="head", heads=path))
+    assert judge.safety_scores([""], [text], [0])[0] == pytest.approx(min(head.p_safe(windows[0])))
